@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: a venv, the CPU torch wheel, the package, the real tokenizer assets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup assets demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	$(BIN)/rsd assets fetch
+
+demo: assets
+	$(BIN)/rsd compat asset:qwen2 asset:llama-bpe
+
+test: assets
+	$(BIN)/python -m pytest -q
+
+bench: assets
+	$(BIN)/python benchmarks/bench_bridges.py --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

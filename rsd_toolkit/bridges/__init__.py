@@ -1,0 +1,32 @@
+"""Vocabulary alignment between a teacher and a student tokenizer (tokenizers only, no models).
+
+``load_tokenizer`` reads any tokenizer source; ``Vocab.from_tokenizer`` extracts what bridging needs;
+``make_bridge`` classifies the pair (identical / remappable / bridged) and returns a :class:`Bridge`
+whose ``stream()`` maps token ids one sequence at a time; ``analyse`` builds the compatibility report.
+"""
+
+from .compat import SAMPLE_TEXT, CompatReport, analyse, classify, make_bridge
+from .incremental import IncrementalEncoder, Update
+from .loading import TokenizerLoadError, load_tokenizer
+from .streams import KINDS, Bridge, BridgeStream
+from .vocab import UnsupportedTokenizer, Vocab
+
+
+def load_vocab(spec: str, trust_remote_code: bool = False, model_vocab_size: int | None = None) -> Vocab:
+    """``load_tokenizer`` + ``Vocab.from_tokenizer``; reads a padded size from a model folder's config."""
+    import json
+    import os
+
+    tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    if model_vocab_size is None and os.path.isdir(os.path.expanduser(str(spec))):
+        cfg = os.path.join(os.path.expanduser(str(spec)), "config.json")
+        if os.path.exists(cfg):
+            with open(cfg) as f:
+                model_vocab_size = json.load(f).get("vocab_size")
+    return Vocab.from_tokenizer(tok, model_vocab_size=model_vocab_size, name=str(spec))
+
+
+__all__ = [
+    "KINDS", "SAMPLE_TEXT", "Bridge", "BridgeStream", "CompatReport", "IncrementalEncoder", "TokenizerLoadError",
+    "UnsupportedTokenizer", "Update", "Vocab", "analyse", "classify", "load_tokenizer", "load_vocab", "make_bridge",
+]  # fmt: skip

@@ -1,0 +1,180 @@
+"""One function to load a tokenizer from whatever a user has: hub id, model folder, ``tokenizer.json``,
+SentencePiece ``.model``, GGUF file, Tekken JSON, or a fetched asset (``asset:qwen2``).
+
+Conversions that are slow (GGUF, Tekken) are done once and cached as a plain tokenizer folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .. import assets
+
+
+class TokenizerLoadError(ValueError):
+    """No loader could read the given tokenizer; the message lists what was tried."""
+
+
+_MEMO: dict[tuple[str, bool], object] = {}
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return transformers
+
+
+def _converted_dir(path: Path, kind: str) -> Path:
+    """Cache folder for a converted file, keyed on its name, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:12]
+    return assets.cache_dir() / "converted" / f"{kind}-{path.name}-{key}"
+
+
+def _cached_conversion(path: Path, kind: str, convert) -> object:
+    """Load from the conversion cache, or run ``convert()`` and save its result there atomically."""
+    transformers = _quiet_transformers()
+    target = _converted_dir(path, kind)
+    if (target / "tokenizer_config.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(target))
+    tok = convert()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return tok
+
+
+def _load_gguf(path: Path):
+    transformers = _quiet_transformers()
+    return _cached_conversion(
+        path, "gguf", lambda: transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    )
+
+
+def _load_sentencepiece(path: Path):
+    """A bare ``.model`` file: load it from a folder (``LlamaTokenizerFast(vocab_file=…)`` breaks in v5)."""
+    transformers = _quiet_transformers()
+
+    def convert():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(path, os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
+            return transformers.AutoTokenizer.from_pretrained(tmp)
+
+    return _cached_conversion(path, "spm", convert)
+
+
+def _load_tokenizer_json(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+def _is_tekken(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return b'"config"' in head and b'"pattern"' in head and b'"vocab"' in head
+
+
+def _load_tekken(path: Path):
+    from .tekken import tekken_to_tokenizer
+
+    return _cached_conversion(path, "tekken", lambda: tekken_to_tokenizer(path))
+
+
+def _load_file(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gguf"):
+        return _load_gguf(path), "gguf"
+    if name.endswith(".json"):
+        if _is_tekken(path):
+            return _load_tekken(path), "tekken"
+        return _load_tokenizer_json(path), "tokenizer.json"
+    if ".model" in name:  # tokenizer.model, tokenizer.model.v3, spm.model
+        return _load_sentencepiece(path), "sentencepiece"
+    raise TokenizerLoadError(f"{path}: unknown tokenizer file type (expected .gguf, .json or a SentencePiece .model)")
+
+
+def _load_dir(path: Path, trust_remote_code: bool):
+    transformers = _quiet_transformers()
+    files = {p.name for p in path.iterdir()}
+    if files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json"}:
+        if "tekken.json" in files and not files & {"tokenizer.json", "tokenizer_config.json"}:
+            return _load_tekken(path / "tekken.json"), "tekken"
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code), "folder"
+    ggufs = sorted(p for p in path.iterdir() if p.suffix == ".gguf")
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0]), "gguf"
+    raise TokenizerLoadError(
+        f"{path}: folder has no tokenizer (looked for tokenizer.json, tokenizer_config.json, tokenizer.model, "
+        "vocab.json, tekken.json or exactly one .gguf)"
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """Load a Hugging Face tokenizer from any supported source.
+
+    ``spec`` is ``asset:NAME`` (see ``rsd assets list``), a file (``.gguf``, ``tokenizer.json``, Tekken
+    ``.json``, SentencePiece ``.model``), a folder, or a hub id. Raises TokenizerLoadError with one line
+    listing what was tried. ``trust_remote_code`` is passed on only for folders and hub ids, and only
+    when the caller asks.
+    """
+    key = (str(spec), trust_remote_code)
+    if key in _MEMO:
+        return _MEMO[key]
+    tok = _load_uncached(str(spec), trust_remote_code)
+    tok.rsd_source = str(spec)  # for reports: where this tokenizer came from
+    _MEMO[key] = tok
+    return tok
+
+
+def _load_uncached(spec: str, trust_remote_code: bool):
+    if spec.startswith("asset:"):
+        try:
+            path = assets.asset_path(spec[len("asset:") :])
+        except assets.AssetError as e:
+            raise TokenizerLoadError(str(e)) from None
+        return _load_checked(path, trust_remote_code)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_checked(path, trust_remote_code)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path or spec.endswith((".json", ".gguf", ".model")):
+        raise TokenizerLoadError(f"{spec}: no such file or folder")
+    transformers = _quiet_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types; we report one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerLoadError(
+            f"{spec}: not a local file or folder, and loading it as a hub id failed ({reason[:200]}); "
+            "tried: asset:NAME, local path, hub id"
+        ) from None
+
+
+def _load_checked(path: Path, trust_remote_code: bool):
+    try:
+        if path.is_dir():
+            tok, _ = _load_dir(path, trust_remote_code)
+        else:
+            tok, _ = _load_file(path)
+    except TokenizerLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt files raise anything from protobuf to json errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerLoadError(f"{path}: could not read tokenizer ({type(e).__name__}: {reason[:200]})") from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise TokenizerLoadError(f"{path}: loaded a tokenizer without a fast (tokenizers) backend; rsd needs one")
+    return tok

@@ -1,0 +1,212 @@
+"""What the bridges need to know about one tokenizer, as plain data: raw bytes per token, special
+tokens and their roles, and the text convention that makes ``encode(text_of(ids)) == ids``.
+
+Pure functions over a ``tokenizers.Tokenizer``; no model is ever loaded here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from tokenizers import Tokenizer
+
+# Role names for special tokens, so that e.g. Qwen's <|im_end|> and Llama-3's <|eot_id|> correspond.
+MARKER_ROLES = {
+    "<|im_start|>": "turn_start",
+    "<|start_header_id|>": "turn_start",
+    "<|im_end|>": "turn_end",
+    "<|eot_id|>": "turn_end",
+    "<|end|>": "turn_end",
+    "[INST]": "inst_start",
+    "[/INST]": "inst_end",
+    "<think>": "think_start",
+    "</think>": "think_end",
+    "<|endoftext|>": "end_of_text",
+    "<|end_of_text|>": "end_of_text",
+}
+BASE_ROLES = ("bos", "eos", "pad", "unk")
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_PROBES = ("Hello", " Hello", "  x", "\n a", "a  b", "1 2", "x")
+
+
+class UnsupportedTokenizer(ValueError):
+    """The tokenizer's pieces cannot be turned back into bytes (e.g. WordPiece's ``##``)."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte <-> printable-unicode table used by every byte-level BPE.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+def _component_types(node) -> set[str]:
+    """All ``type`` values in a normaliser/pre-tokeniser/decoder JSON tree."""
+    if isinstance(node, dict):
+        out = {node["type"]} if isinstance(node.get("type"), str) else set()
+        for v in node.values():
+            out |= _component_types(v)
+        return out
+    if isinstance(node, list):
+        out = set()
+        for v in node:
+            out |= _component_types(v)
+        return out
+    return set()
+
+
+def piece_bytes_table(spec: dict, vocab: dict[str, int], added: dict[int, str], size: int) -> list[bytes]:
+    """Raw bytes of every token id (index = id), from the tokenizer's JSON spec.
+
+    Byte-level BPE pieces go through the GPT-2 byte table; SentencePiece-style pieces turn ``▁`` into a
+    space and ``<0xNN>`` into one byte; added tokens are their literal text.
+    """
+    types = _component_types(spec.get("decoder")) | _component_types(spec.get("pre_tokenizer"))
+    model = spec["model"]
+    table = [b""] * size
+    if "ByteLevel" in types:
+        decoder = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+        def to_bytes(piece: str) -> bytes:
+            return bytes(decoder[c] for c in piece) if all(c in decoder for c in piece) else piece.encode()
+
+    elif model["type"] in ("BPE", "Unigram") and ({"Metaspace", "Replace", "ByteFallback"} & types):
+        byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in types
+
+        def to_bytes(piece: str) -> bytes:
+            m = _BYTE_FALLBACK.fullmatch(piece) if byte_fallback else None
+            return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+
+    else:
+        raise UnsupportedTokenizer(
+            f"cannot map {model['type']} pieces back to bytes (decoder types: {sorted(types) or 'none'})"
+        )
+    for piece, i in vocab.items():
+        if i < size:
+            table[i] = to_bytes(piece)
+    for i, content in added.items():
+        if i < size:
+            table[i] = content.encode()
+    return table
+
+
+@dataclass(eq=False)
+class Vocab:
+    """Tokenizer facts for bridging. Build with :meth:`from_tokenizer`."""
+
+    name: str
+    backend: Tokenizer
+    spec: dict
+    token_bytes: list[bytes]
+    added: dict[int, str]  # every added token: id -> content
+    special_ids: frozenset[int]
+    roles: dict[str, int]  # role -> id (bos/eos/pad/unk and MARKER_ROLES)
+    model_vocab_size: int | None = None  # padded size of a model's embedding, when known
+    strip_leading_space: bool = False  # text of ids drops one leading space (Prepend-style dummy prefix)
+    lossless: bool = True  # encode(text_of(encode(x))) == encode(x) held on the probes
+    _encode_cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_tokenizer(cls, tok, model_vocab_size: int | None = None, name: str | None = None) -> "Vocab":
+        backend: Tokenizer = tok.backend_tokenizer
+        spec = json.loads(backend.to_str())
+        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        size = len(tok)
+        table = piece_bytes_table(spec, backend.get_vocab(with_added_tokens=False), added, size)
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        roles: dict[str, int] = {}
+        for role in BASE_ROLES:
+            tid = getattr(tok, f"{role}_token_id", None)
+            if isinstance(tid, int):
+                roles[role] = tid
+                special.add(tid)
+        for i, content in sorted(added.items()):
+            role = MARKER_ROLES.get(content)
+            if role and role not in roles:
+                roles[role] = i
+        vocab = cls(
+            name=name or getattr(tok, "rsd_source", None) or getattr(tok, "name_or_path", "") or "tokenizer",
+            backend=backend,
+            spec=spec,
+            token_bytes=table,
+            added=added,
+            special_ids=frozenset(special),
+            roles=roles,
+            model_vocab_size=model_vocab_size,
+        )
+        vocab.strip_leading_space, vocab.lossless = vocab._probe_text_convention()
+        return vocab
+
+    # -- encoding / text -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Canonical encoding: no BOS/EOS added, added tokens matched as the tokenizer does."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def raw_bytes(self, ids) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids)
+
+    def text_of(self, ids) -> str:
+        """The text whose canonical encoding is ``ids`` (for canonical ids); U+FFFD for broken UTF-8."""
+        text = self.raw_bytes(ids).decode("utf-8", errors="replace")
+        return text[1:] if self.strip_leading_space and text.startswith(" ") else text
+
+    def _probe_text_convention(self) -> tuple[bool, bool]:
+        def round_trips(strip: bool) -> bool:
+            for p in _PROBES:
+                ids = self.encode(p)
+                text = self.raw_bytes(ids).decode("utf-8", errors="replace")
+                if strip and text.startswith(" "):
+                    text = text[1:]
+                if self.encode(text) != ids:
+                    return False
+            return True
+
+        if round_trips(False):
+            return False, True
+        if round_trips(True):
+            return True, True
+        return False, False
+
+    # -- descriptive facts (used by the compatibility report) ------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.token_bytes)
+
+    @cached_property
+    def model_type(self) -> str:
+        return self.spec["model"]["type"]
+
+    @cached_property
+    def byte_level(self) -> bool:
+        return "ByteLevel" in (_component_types(self.spec.get("pre_tokenizer")) | _component_types(self.spec.get("decoder")))
+
+    @cached_property
+    def unicode_normalization(self) -> str | None:
+        """"NFC"/"NFKC"/… when the normaliser applies one (token bytes are then in that form)."""
+        found = _component_types(self.spec.get("normalizer")) & {"NFC", "NFKC", "NFD", "NFKD"}
+        return next(iter(found)) if found else None
+
+    @cached_property
+    def byte_fallback(self) -> bool:
+        return bool(self.spec["model"].get("byte_fallback"))
+
+    @cached_property
+    def regular_pieces(self) -> dict[str, int]:
+        """Model vocabulary without added tokens: piece -> id."""
+        return {p: i for p, i in self.backend.get_vocab(with_added_tokens=False).items() if i not in self.added}
+
+    @cached_property
+    def piece_of(self) -> dict[int, str]:
+        return {i: p for p, i in self.regular_pieces.items()}
+
+    def describe_component(self, key: str) -> str:
+        node = self.spec.get(key)
+        if node is None:
+            return "none"
+        types = _component_types(node)
+        return "+".join(sorted(types))
