@@ -142,9 +142,9 @@ def _side_facts(v: Vocab, lines: list[str], text: str) -> SideFacts:
     )
 
 
-def _boundaries(v: Vocab, ids: list[int]) -> set[int]:
-    """Byte offsets in the text where tokens end (dummy-prefix space not counted)."""
-    lead = len(v.raw_bytes(ids)) - len(v.text_of(ids).encode())
+def _boundaries(v: Vocab, ids: list[int], line: str) -> set[int]:
+    """Byte offsets in ``line`` where tokens end (a dummy-prefix space is not counted)."""
+    lead = max(0, len(v.raw_bytes(ids)) - len(line.encode()))
     out, pos = set(), -lead
     for i in ids:
         pos += len(v.token_bytes[i])
@@ -167,7 +167,7 @@ def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatRe
     for line in lines:
         t_ids, s_ids = teacher.encode(line), student.encode(line)
         exact += bridge.map_ids(t_ids) == student.encode(teacher.text_of(t_ids))
-        cuts_t, cuts_s = _boundaries(teacher, t_ids), _boundaries(student, s_ids)
+        cuts_t, cuts_s = _boundaries(teacher, t_ids, line), _boundaries(student, s_ids, line)
         shared_cuts += len(cuts_t & cuts_s)
         all_cuts += len(cuts_t | cuts_s)
     smap = []
