@@ -130,3 +130,18 @@ def test_tokenizer_without_eos_is_warned(vocab, tmp_path):
     r = analyse(load_vocab(str(bare)), vocab("gpt-2"))
     assert r.verdict == "identical" or r.verdict == "remappable"
     assert any("no EOS" in w for w in r.teacher.warnings) and not r.student.warnings
+
+
+def test_wordpiece_is_rejected_clearly(tmp_path, vocab):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordPiece
+
+    vocab("gpt-2")
+    tok = Tokenizer(WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    proc = run_cli("compat", str(path), "asset:gpt-2")
+    assert proc.returncode == 2 and "cannot map WordPiece" in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -23,7 +23,10 @@ def load_vocab(spec: str, trust_remote_code: bool = False, model_vocab_size: int
         if os.path.exists(cfg):
             with open(cfg) as f:
                 model_vocab_size = json.load(f).get("vocab_size")
-    return Vocab.from_tokenizer(tok, model_vocab_size=model_vocab_size, name=str(spec))
+    try:
+        return Vocab.from_tokenizer(tok, model_vocab_size=model_vocab_size, name=str(spec))
+    except UnsupportedTokenizer as e:
+        raise UnsupportedTokenizer(f"{spec}: {e}") from None
 
 
 __all__ = [
