@@ -21,7 +21,6 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' Rust thread pool:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import codecs  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -54,11 +53,6 @@ def corpus(chars: int, seed: int = 0) -> str:
     return "\n".join(out)
 
 
-def committed(src, ids) -> str:
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(src.raw_bytes(ids), final=False)
-    return text[1:] if src.strip_leading_space and text.startswith(" ") else text
-
-
 def run_ours(bridge, ids):
     stream = bridge.stream()
     t0 = time.perf_counter()
@@ -69,7 +63,7 @@ def run_ours(bridge, ids):
     stream, mirror, bad = bridge.stream(), [], 0
     for k, i in enumerate(ids):
         mirror = stream.feed((i,)).apply(mirror)
-        bad += mirror != bridge.dst.encode(committed(bridge.src, ids[: k + 1]))
+        bad += mirror != bridge.dst.encode(bridge.src.committed_text(ids[: k + 1]))
     return len(ids) / elapsed, bad / len(ids)
 
 

@@ -180,9 +180,9 @@ def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatRe
                 "teacher_id": tid,
                 "student": student.added.get(sid, student.piece_of.get(sid)) if sid is not None else None,
                 "student_id": sid,
-                "how": "by role" if sid is not None and student.roles.get(role) == sid else (
-                    "by text" if sid is not None else "expanded as text"
-                ),
+                "how": "by role" if sid is not None and sid in student.roles.values() and any(
+                    student.roles.get(r) == sid for r, i in teacher.roles.items() if i == tid
+                ) else ("by text" if sid is not None else "expanded as text"),
             }
         )
     return CompatReport(

@@ -155,6 +155,13 @@ class Vocab:
         text = self.raw_bytes(ids).decode("utf-8", errors="replace")
         return text[1:] if self.strip_leading_space and text.startswith(" ") else text
 
+    def committed_text(self, ids) -> str:
+        """``text_of(ids)`` without trailing incomplete UTF-8 bytes: what a bridge has committed so far."""
+        import codecs
+
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(self.raw_bytes(ids), final=False)
+        return text[1:] if self.strip_leading_space and text.startswith(" ") else text
+
     def _probe_text_convention(self) -> tuple[bool, bool]:
         def round_trips(strip: bool) -> bool:
             for p in _PROBES:
