@@ -55,3 +55,34 @@ def qwen2_think_dir(tmp_path_factory, vocab):
     tok.save_pretrained(str(d))
     (d / "config.json").write_text(json.dumps({"vocab_size": 152064, "model_type": "qwen2"}))
     return d
+
+
+# ---------------------------------------------------------------------------------------- small models
+_LMS: dict = {}
+
+
+def tiny_lm(tokenizer: str, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0, init_scale: float = 1.0):
+    """A small random causal LM (Llama or Qwen2 architecture) over a real tokenizer, memoised.
+
+    ``init_scale`` multiplies the init std: large values make peaked next-token distributions, so both
+    acceptances and rejections happen at ordinary thresholds.
+    """
+    key = (tokenizer, arch, hidden, layers, seed, init_scale)
+    if key not in _LMS:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+        from rsd_toolkit.bridges import load_tokenizer
+        from rsd_toolkit.models import LM
+
+        require_assets()
+        tok = load_tokenizer(tokenizer)
+        config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+        config = config_cls(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            initializer_range=0.02 * init_scale, tie_word_embeddings=False,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        _LMS[key] = LM.wrap(model_cls(config).eval(), tok, name=f"{tokenizer}/{arch}-{hidden}x{layers}-s{seed}")
+    return _LMS[key]

@@ -1,0 +1,8 @@
+"""Batched decoding: ``RSDEngine`` (teacher proposes, student accepts or replaces), sampling routines and
+the batched KV context every model call goes through."""
+
+from ..config import RSDConfig
+from .context import BatchedContext, UnsupportedModel
+from .engine import RSDEngine, TokenRecord, Trace
+
+__all__ = ["BatchedContext", "RSDConfig", "RSDEngine", "TokenRecord", "Trace", "UnsupportedModel"]

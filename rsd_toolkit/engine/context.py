@@ -1,0 +1,204 @@
+"""A batch of sequences in one model's KV cache: ragged appends, per-row rollback, no re-prefill.
+
+Cache *slots* never move when a row rolls back: the slot is masked (a "hole") and later tokens take
+the row's next *position*, so rotary positions stay contiguous per row. A block of appends is padded
+on the left (holes), which puts every row's newest token in the last column, so one column of logits
+serves the whole batch. ``maybe_compact`` gathers the live slots when holes pile up; ``select`` drops rows.
+
+``extend`` is the only place a model runs: decoding, span scoring and (in ``rsd surprisal``) trace
+scoring all call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class UnsupportedModel(ValueError):
+    """The model's cache layout cannot be rolled back per row."""
+
+
+PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the attention-mask size)
+
+
+class BatchedContext:
+    def __init__(self, model, batch_size: int):
+        self.model = model
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.cache = DynamicCache(config=model.config)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
+        self.slots: list[list[int]] = [[] for _ in range(batch_size)]
+        self.last_logits: torch.Tensor | None = None  # [B, V]: logits predicting each row's next token
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.slots]
+
+    # -- per-row edits ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def rollback(self, row: int, count: int) -> None:
+        if count <= 0:
+            return
+        if count > len(self.slots[row]):
+            raise ValueError(f"row {row}: cannot roll back {count} of {len(self.slots[row])} tokens")
+        gone = self.slots[row][-count:]
+        del self.slots[row][-count:]
+        self.valid[row, gone] = False
+
+    def checkpoint(self, rows: list[int]) -> dict[int, list[int]]:
+        return {r: list(self.slots[r]) for r in rows}
+
+    @torch.inference_mode()
+    def restore(self, saved: dict[int, list[int]], last_logits: torch.Tensor | None = None) -> None:
+        """Undo rollbacks and appends made since ``checkpoint`` (slots are still in the cache)."""
+        for r, slots in saved.items():
+            self.valid[r] = False
+            self.valid[r, slots] = True
+            self.slots[r] = slots
+            if last_logits is not None:
+                self.last_logits[r] = last_logits[r]
+
+    # -- the forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def extend(self, appends: list[list[int]], scores: bool = False) -> list[torch.Tensor | None] | None:
+        """Append ``appends[b]`` to row b (rows with ``[]`` are untouched) in one batched forward.
+
+        Updates ``last_logits``. With ``scores``, returns per row the logits [len(appends[b]) - 1, V]
+        predicting appended tokens 2.. (the first token's predictor is the previous ``last_logits``).
+        """
+        n = max((len(a) for a in appends), default=0)
+        if n == 0:
+            return [None] * len(appends) if scores else None
+        B = self.batch_size
+        ids = torch.zeros(B, n, dtype=torch.long)
+        real = torch.zeros(B, n, dtype=torch.bool)
+        pos = torch.zeros(B, n, dtype=torch.long)
+        for b, a in enumerate(appends):
+            if a:
+                ids[b, n - len(a) :] = torch.tensor(a)
+                real[b, n - len(a) :] = True
+                pos[b, n - len(a) :] = torch.arange(len(self.slots[b]), len(self.slots[b]) + len(a))
+        ids, real, pos = ids.to(self.device), real.to(self.device), pos.to(self.device)
+        outputs = []
+        for c0 in range(0, n, PREFILL_CHUNK):
+            c1 = min(n, c0 + PREFILL_CHUNK)
+            keep = (c1 - c0) if scores else 1
+            if not scores and c1 < n:
+                keep = 1  # only the block's last column matters; intermediate chunks just fill the cache
+            logits = self._forward(ids[:, c0:c1], real[:, c0:c1], pos[:, c0:c1], keep)
+            if scores or c1 == n:
+                outputs.append(logits)
+        start = self.valid.shape[1] - n
+        for b, a in enumerate(appends):
+            self.slots[b].extend(range(start + n - len(a), start + n))
+        last = outputs[-1][:, -1]
+        if self.last_logits is None:
+            self.last_logits = last.clone()
+        else:
+            touched = torch.tensor([bool(a) for a in appends], device=last.device)
+            self.last_logits = torch.where(touched[:, None], last.to(self.last_logits.dtype), self.last_logits)
+        if not scores:
+            return None
+        block = torch.cat(outputs, dim=1)  # [B, n, V]
+        return [block[b, n - len(a) : n - 1] if a else None for b, a in enumerate(appends)]
+
+    def _forward(self, ids, real, pos, keep: int) -> torch.Tensor:
+        B, n = ids.shape
+        past = self.valid.shape[1]
+        key_valid = torch.cat([self.valid, real], dim=1)  # [B, past + n]
+        q_slot = torch.arange(past, past + n, device=self.device)
+        k_slot = torch.arange(past + n, device=self.device)
+        allowed = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+        allowed |= k_slot[None, None, :] == q_slot[None, :, None]  # a hole attends to itself: never all-masked
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask[:, None],
+            position_ids=pos,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        self.valid = key_valid
+        self._check_cache_layout()
+        return out.logits
+
+    # -- housekeeping -----------------------------------------------------------------------------
+    def _layers(self):
+        return self.cache.layers
+
+    def _check_cache_layout(self) -> None:
+        for layer in self._layers():
+            keys = getattr(layer, "keys", None)
+            if getattr(layer, "is_sliding", False) or keys is None or keys.dim() != 4:
+                raise UnsupportedModel(
+                    f"{type(self.model).__name__} uses a {type(layer).__name__} cache; the engine needs a plain "
+                    "per-layer key/value cache to roll rows back (sliding-window and recurrent layers are not supported)"
+                )
+
+    def maybe_compact(self) -> None:
+        """Compact when holes exceed a quarter of the cache (never between checkpoint and restore)."""
+        longest = max(self.lengths(), default=0)
+        if self.valid.shape[1] > 1.25 * longest + 64:
+            self.compact()
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Gather each row's live slots to the right end; drops every hole."""
+        longest = max(self.lengths(), default=0)
+        B = self.batch_size
+        index = torch.zeros(B, longest, dtype=torch.long)
+        valid = torch.zeros(B, longest, dtype=torch.bool)
+        for b, slots in enumerate(self.slots):
+            if slots:
+                index[b, longest - len(slots) :] = torch.tensor(slots)
+                valid[b, longest - len(slots) :] = True
+            self.slots[b] = list(range(longest - len(slots), longest))
+        for layer in self._layers():
+            if layer.keys is None or layer.keys.numel() == 0:
+                continue
+            idx = index.to(layer.keys.device)[:, None, :, None]
+            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+        self.valid = valid.to(self.device)
+
+    @torch.inference_mode()
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order): finished sequences leave the batch."""
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in self._layers():
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        self.valid = self.valid[index.to(self.device)]
+        self.slots = [self.slots[r] for r in rows]
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[index.to(self.last_logits.device)]
+
+    @torch.inference_mode()
+    def merge(self, other: "BatchedContext") -> None:
+        """Append ``other``'s rows (same model) after ours: how new prompts join a running batch."""
+        a, b = self.valid.shape[1], other.valid.shape[1]
+        width = max(a, b)
+        for mine, theirs in zip(self._layers(), other._layers()):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        pad = lambda v, w: torch.cat([torch.zeros(v.shape[0], w - v.shape[1], dtype=v.dtype, device=v.device), v], 1)  # noqa: E731
+        self.valid = torch.cat([pad(self.valid, width), pad(other.valid.to(self.device), width)], dim=0)
+        self.slots = [[s + width - a for s in row] for row in self.slots] + [
+            [s + width - b for s in row] for row in other.slots
+        ]
+        self.last_logits = torch.cat([self.last_logits, other.last_logits.to(self.last_logits.device)], dim=0)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    if t.shape[2] == width:
+        return t
+    pad = torch.zeros(*t.shape[:2], width - t.shape[2], t.shape[3], dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=2)

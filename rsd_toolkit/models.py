@@ -1,0 +1,133 @@
+"""Loading causal LMs for the engine: a model, its own tokenizer, its vocabulary facts and stop tokens.
+
+Specs: a hub id or local folder (``from_pretrained``), a ``.gguf`` file or ``asset:smollm2``. GGUF
+weights load dequantised but cannot be trained or saved, so they are rebuilt once with
+``from_config`` + ``load_state_dict`` and cached as a safetensors folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import assets
+from .bridges import Vocab, load_tokenizer
+from .bridges.loading import _quiet_transformers
+from .config import RSDConfig
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what was tried."""
+
+
+@dataclass(eq=False)
+class LM:
+    """A causal LM with its own tokenizer; ``stop_ids`` end a trace, ``primary_stop`` is the one emitted."""
+
+    model: object
+    tokenizer: object
+    vocab: Vocab
+    name: str
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+    primary_stop: int | None = None
+
+    @classmethod
+    def wrap(cls, model, tokenizer, name: str | None = None) -> "LM":
+        """An LM from objects already in memory (tests, notebooks)."""
+        name = name or getattr(tokenizer, "rsd_source", None) or getattr(model, "name_or_path", "") or "model"
+        vocab = Vocab.from_tokenizer(tokenizer, model_vocab_size=model.config.vocab_size, name=name)
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = [i for i in eos if i in vocab.special_ids]  # a config's default (e.g. Llama's 2) may not fit this tokenizer
+        candidates = [*eos, tokenizer.eos_token_id, vocab.roles.get("turn_end")]
+        stops = frozenset(i for i in candidates if isinstance(i, int))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        primary = vocab.roles.get("turn_end") if has_template and "turn_end" in vocab.roles else None
+        primary = primary if primary is not None else (eos[0] if eos else tokenizer.eos_token_id)
+        return cls(model=model, tokenizer=tokenizer, vocab=vocab, name=name, stop_ids=stops, primary_stop=primary)
+
+    def prompt(self, prompt: str | list[dict], config: RSDConfig) -> tuple[str, list[int]]:
+        """The prompt as this model sees it (its own chat template) and its ids."""
+        tok = self.tokenizer
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if config.chat_template and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)
+            ids = tok(text)["input_ids"]
+        if not ids:  # the first prediction needs a position to read logits from
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else self.primary_stop]
+        return text, list(ids)
+
+
+def resolve_model_dir(spec: str) -> str:
+    """A folder or hub id ``from_pretrained`` can read; GGUF sources are converted once."""
+    if spec.startswith("asset:"):
+        path = assets.asset_path(spec.split(":", 1)[1])
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{spec} is a tokenizer, not a model; model assets: asset:smollm2")
+        return str(_converted_gguf_model(path))
+    path = Path(os.path.expanduser(spec))
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted_gguf_model(path))
+    if path.is_file():
+        raise ModelLoadError(f"{spec} is a file; pass a model folder, a .gguf file, a hub id or asset:smollm2")
+    return str(path) if path.exists() else spec
+
+
+def _converted_gguf_model(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|model-v1".encode()).hexdigest()[:12]
+    target = assets.cache_dir() / "converted" / f"model-{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    transformers = _quiet_transformers()
+    import torch
+
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    load_tokenizer(str(path)).save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def load_lm(
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> LM:
+    """Load a causal LM and its tokenizer (``device_map="auto"`` spreads a large teacher over GPUs)."""
+    transformers = _quiet_transformers()
+    import torch
+
+    source = resolve_model_dir(spec)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from None
+    if device_map is None and device is not None:
+        model.to(device)
+    model.eval()
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return LM.wrap(model, tok, name=spec)

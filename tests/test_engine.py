@@ -1,0 +1,301 @@
+"""RSD engine: decisions, distributions, batching and cross-vocabulary traces with real tokenizers."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from conftest import tiny_lm
+from rsd_toolkit.config import ConfigError, RSDConfig
+from rsd_toolkit.engine import RSDEngine
+from rsd_toolkit.models import LM
+from test_sampling import assert_distributed_as, exact_top_p
+
+PROMPTS = ["What is 2 + 2?", "Name a prime number.", "Say hello.", "Count to three.", "Why is the sky blue?"]
+
+
+class FixedHead(torch.nn.Module):
+    """An LM head that ignores the hidden state: the next-token distribution is set by hand."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, hidden):
+        return self.logits.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
+
+
+class MaskedHead(torch.nn.Module):
+    """The model's own head, restricted to an allowed set of tokens."""
+
+    def __init__(self, head, allowed: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("bias", torch.where(allowed, 0.0, -1e9))
+
+    def forward(self, hidden):
+        return self.head(hidden) + self.bias
+
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his it an were are which this be or has had not but "
+    "first one their its new after who they have two her she been other when there all during into school time "
+    "may years more most only over city some world would where later up such used many can state about national "
+    "number sum total prime answer step then so we get add minus times equals therefore check result value"
+).split() + [str(n) for n in range(100)] + [".", ",", "=", "+", "(", ")", ":"]
+
+
+def common_pieces(lm: LM) -> torch.Tensor:
+    """Every token of this tokenizer's encodings of a few hundred common words, digits and signs."""
+    ids = {i for w in WORDS for text in (w, " " + w) for i in lm.vocab.encode(text)}
+    return torch.tensor(sorted(ids))
+
+
+class BoostHead(torch.nn.Module):
+    """The model's own head plus a logit bonus for chosen tokens: two random models that like the same
+    words in different tokenizers, so the student accepts a fair share of the teacher's proposals."""
+
+    def __init__(self, head, ids: torch.Tensor, vocab_size: int, seed: int = 0):
+        super().__init__()
+        self.head = head
+        strength = 6 + 5 * torch.rand(len(ids), generator=torch.Generator().manual_seed(seed))  # p_s spans pth
+        self.register_buffer("bias", torch.zeros(vocab_size).index_put_((ids,), strength))
+
+    def forward(self, hidden):
+        return self.head(hidden) + self.bias
+
+
+def boosted(lm: LM) -> LM:
+    return with_head(lm, BoostHead(lm.model.lm_head, common_pieces(lm), lm.model.config.vocab_size))
+
+
+def with_head(lm: LM, head: torch.nn.Module) -> LM:
+    model = copy.deepcopy(lm.model)
+    model.lm_head = head
+    return LM.wrap(model, lm.tokenizer, name=lm.name + "+head")
+
+
+def fixed(lm: LM, probs: dict[int, float]) -> LM:
+    logits = torch.full((lm.model.config.vocab_size,), -1e4)
+    for i, p in probs.items():
+        logits[i] = torch.tensor(p).log()
+    return with_head(lm, FixedHead(logits))
+
+
+A, B, C, D = 1000, 2000, 3000, 4000  # ordinary word pieces of the qwen2 vocabulary
+T_IDS = list(range(5000, 5025))
+SUB = list(range(6000, 6050))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_lm("asset:qwen2", "llama", seed=0)
+
+
+def run(teacher, student, n_rows=4, tokens=12, **cfg):
+    cfg = {"max_new_tokens": tokens, **cfg}
+    return RSDEngine(teacher, student, RSDConfig(**cfg)).generate(["q"] * n_rows, batch_size=n_rows)
+
+
+def records(traces):
+    return [r for t in traces for r in t.records]
+
+
+# -- exact decisions on hand-set distributions -------------------------------------------------------
+def test_accepts_when_student_probability_reaches_pth(base):
+    out = records(run(fixed(base, {A: 1.0}), fixed(base, {A: 0.02, B: 0.98})))
+    assert {(r.id, r.source) for r in out} == {(A, "teacher")}
+    assert all(abs(r.p_s - 0.02) < 1e-4 and abs(r.p_t - 1.0) < 1e-4 for r in out)
+
+
+def test_rejects_below_pth_and_student_samples(base):
+    traces = run(fixed(base, {A: 1.0}), fixed(base, {A: 0.005, B: 0.995}))
+    assert {(r.id, r.source) for r in records(traces)} == {(B, "student")}
+    assert all(t.acceptance_rate == 0.0 and t.decisions == 12 for t in traces)
+
+
+def test_tempered_acceptance_probabilities(base):
+    teacher, student = fixed(base, {A: 1.0}), fixed(base, {A: 0.02, B: 0.98})
+    assert {r.source for r in records(run(teacher, student, acceptance_probs="raw"))} == {"teacher"}
+    # at T=0.7: 0.02**(1/0.7) / (0.02**(1/0.7) + 0.98**(1/0.7)) = 0.0038 < 0.01
+    assert {r.source for r in records(run(teacher, student, acceptance_probs="tempered"))} == {"student"}
+
+
+def test_strict_fallback_leaves_no_sub_pth_token(base):
+    teacher = fixed(base, {A: 1.0})
+    student = fixed(base, {C: 0.5, A: 0.005, **{i: 0.0099 for i in SUB}})
+    loose = run(teacher, student, n_rows=8, tokens=25, fallback="sample")
+    strict = run(teacher, student, n_rows=8, tokens=25, fallback="strict")
+    assert sum(t.sub_pth for t in loose) > 0  # the paper's rule lets sub-pth student tokens in
+    assert sum(t.sub_pth for t in strict) == 0
+    assert {r.id for r in records(strict)} == {C}
+
+
+def test_reference_top20_gate_and_topk_fallback(base):
+    teacher = fixed(base, {A: 1.0})
+    student = fixed(base, {**{i: 0.03 for i in T_IDS}, A: 0.02, C: 0.23})  # A passes pth but ranks 27th
+    plain = records(run(teacher, student))
+    assert {r.source for r in plain} == {"teacher"}
+    ref = records(run(teacher, student, **{"student_topk_gate": True, "fallback": "topk", "k": 20}))
+    assert {r.source for r in ref} == {"student"}
+    assert {r.id for r in ref} <= {C, *T_IDS}
+
+
+def test_reference_five_teacher_draws(base):
+    teacher = fixed(base, {A: 0.5, D: 0.5})
+    student = fixed(base, {A: 0.001, D: 0.03, C: 0.969})
+    one = run(teacher, student, n_rows=10, tokens=30)
+    five = run(teacher, student, n_rows=10, tokens=30, teacher_draws=5)
+    rate = lambda ts: sum(t.accepted for t in ts) / sum(t.decisions for t in ts)  # noqa: E731
+    assert 0.35 < rate(one) < 0.65  # expected 0.5
+    assert rate(five) > 0.9  # expected 1 - 0.5**5 = 0.97
+    assert all(r.id == D for r in records(five) if r.source == "teacher")
+
+
+def test_reference_config_is_the_papers_script():
+    ref = RSDConfig.reference()
+    assert (ref.student_topk_gate, ref.teacher_draws, ref.fallback, ref.k) == (True, 5, "topk", 20)
+
+
+# -- distributions ---------------------------------------------------------------------------------
+TEACHER_P = {A: 0.3, B: 0.25, C: 0.2, D: 0.15, 7000: 0.06, 7001: 0.04}
+STUDENT_P = {A: 0.05, B: 0.6, 7002: 0.2, 7003: 0.1, 7004: 0.05}
+
+
+def expected(probs: dict[int, float], cfg: RSDConfig) -> torch.Tensor:
+    ids = sorted(probs)
+    tempered = torch.tensor([probs[i] for i in ids]).pow(1 / cfg.temperature)
+    nucleus = exact_top_p(tempered / tempered.sum(), cfg.top_p)
+    out = torch.zeros(8000)
+    out[ids] = nucleus
+    return out
+
+
+@pytest.mark.parametrize("pth,source", [(0.0, "teacher"), (1.5, "student")])
+def test_limits_of_pth_reproduce_teacher_and_student_sampling(base, pth, source):
+    cfg = dict(pth=pth, allow_extreme_pth=True, max_new_tokens=40)
+    traces = RSDEngine(fixed(base, TEACHER_P), fixed(base, STUDENT_P), RSDConfig(**cfg)).generate(
+        ["q"] * 50, batch_size=50
+    )
+    ids = torch.tensor([r.id for r in records(traces)])
+    assert {r.source for r in records(traces)} == {source}
+    assert_distributed_as(ids, expected(TEACHER_P if source == "teacher" else STUDENT_P, RSDConfig(**cfg)))
+
+
+# -- batching ------------------------------------------------------------------------------------------
+def test_batched_equals_batch_size_one():
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:qwen2", "llama", hidden=64, seed=2))
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=30, pth=0.01))
+    alone = [engine.generate([p], seeds=[i])[0] for i, p in enumerate(PROMPTS)]
+    batched = engine.generate(PROMPTS, batch_size=5)
+    refilled = engine.generate(PROMPTS, batch_size=2)  # rows leave and new prompts join mid-run
+    key = lambda t: (t.ids, [r.source for r in t.records])  # noqa: E731
+    assert [key(t) for t in batched] == [key(t) for t in alone] == [key(t) for t in refilled]
+    sources = {r.source for t in batched for r in t.records}
+    assert sources == {"teacher", "student"}  # both branches ran
+
+
+# -- across tokenizers -------------------------------------------------------------------------------
+def test_cross_vocabulary_traces_are_canonical_and_respect_pth():
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:llama-bpe", "llama", hidden=64, seed=2))
+    cfg = RSDConfig(max_new_tokens=80, pth=0.01)
+    engine = RSDEngine(teacher, student, cfg)
+    assert engine.kind == "bridged"
+    traces = engine.generate(PROMPTS, batch_size=5)
+    teacher_sourced = 0
+    for t in traces:
+        body = t.ids[:-1] if t.finish_reason == "eos" else t.ids
+        assert student.vocab.encode(t.text) == body
+        assert len(t.records) == len(t.ids)
+        for r in t.records:
+            assert r.p_s is not None
+            if r.source == "teacher":
+                teacher_sourced += 1
+                assert r.p_s >= cfg.pth
+    assert teacher_sourced > 50 and sum(t.decisions - t.accepted for t in traces) > 20
+    assert engine.stats["probed"] > 5  # spans other than one appended token were judged by a batched probe
+
+
+def test_span_with_rollback_is_judged_on_every_student_token():
+    """qwen2 writes digits one by one, llama-bpe groups three: each teacher "1" re-tokenises the student side."""
+    t_base, s_base = tiny_lm("asset:qwen2", "llama", seed=0), tiny_lm("asset:llama-bpe", "llama", seed=0)
+    one = t_base.vocab.encode("1")[0]
+    ones = {n: s_base.vocab.encode("1" * n)[0] for n in (1, 2, 3)}
+    teacher = fixed(t_base, {one: 1.0})
+    student = fixed(s_base, {ones[1]: 0.2, ones[2]: 0.3, ones[3]: 0.5})
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=4))
+    t = engine.generate(["q"])[0]
+    assert t.text == "1" * 10 and t.ids == s_base.vocab.encode("1" * 10)  # 111 111 111 1
+    assert [(r.source, round(r.p_s, 4)) for r in t.records] == [("teacher", 0.5)] * 3 + [("teacher", 0.2)]
+    assert engine.stats["probed"] >= 6 and engine.stats["probe_accepted"] == engine.stats["probed"]
+    # the same span is rejected when its merged token is too unlikely: the student writes its own "1",
+    # and that text re-tokenises to student-sourced "11"/"111" (merges can still make sub-pth tokens)
+    student = fixed(s_base, {ones[1]: 0.995, ones[2]: 0.004, ones[3]: 0.001})
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=3))
+    t = engine.generate(["q"])[0]
+    assert engine.stats["probed"] > 0 and engine.stats["probe_accepted"] == 0
+    assert t.ids == s_base.vocab.encode(t.text) and {r.source for r in t.records[:-1]} == {"student"}
+
+
+def word_tokens(lm: LM) -> torch.Tensor:
+    """Tokens that are ' ' + ASCII letters and encode to themselves: any sequence of them is canonical."""
+    allowed = torch.zeros(lm.model.config.vocab_size, dtype=torch.bool)
+    for i, b in enumerate(lm.vocab.token_bytes):
+        if re.fullmatch(rb" [a-zA-Z]{2,}", b) and lm.vocab.encode(b.decode()) == [i]:
+            allowed[i] = True
+    allowed[lm.primary_stop] = True
+    return allowed
+
+
+def test_forced_text_bridge_on_identical_pair_gives_the_same_traces():
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:qwen2", "llama", hidden=64, seed=2))
+    allowed = word_tokens(teacher)
+    teacher = with_head(teacher, MaskedHead(teacher.model.lm_head, allowed))
+    student = with_head(student, MaskedHead(student.model.lm_head, allowed))
+    cfg = RSDConfig(max_new_tokens=40, pth=0.01)
+    exact = RSDEngine(teacher, student, cfg)
+    forced = RSDEngine(teacher, student, cfg, bridge_kind="bridged")
+    assert (exact.kind, forced.kind) == ("identical", "bridged")
+    a, b = exact.generate(PROMPTS, batch_size=5), forced.generate(PROMPTS, batch_size=5)
+    for x, y in zip(a, b):
+        assert (x.text, x.ids, [r.source for r in x.records]) == (y.text, y.ids, [r.source for r in y.records])
+        assert [round(r.p_s, 4) for r in x.records] == [round(r.p_s, 4) for r in y.records]
+    assert {r.source for t in a for r in t.records} == {"teacher", "student"}
+
+
+# -- modes and errors ----------------------------------------------------------------------------------
+def test_teacher_mode_without_student_and_student_mode_without_teacher(base):
+    teacher = fixed(base, {A: 1.0})
+    alone = RSDEngine(teacher, None, RSDConfig(mode="teacher", max_new_tokens=5)).generate(["q"])[0]
+    assert alone.ids == [A] * 5 and alone.records[0].p_s is None
+    student = fixed(base, {B: 1.0})
+    s = RSDEngine(None, student, RSDConfig(mode="student", max_new_tokens=5)).generate(["q"])[0]
+    assert s.ids == [B] * 5 and s.records[0].source == "student"
+
+
+def test_eos_ends_the_trace(base):
+    teacher = fixed(base, {base.primary_stop: 1.0})
+    t = RSDEngine(teacher, fixed(base, {base.primary_stop: 1.0}), RSDConfig(max_new_tokens=9)).generate(["q"])[0]
+    assert (t.finish_reason, t.ids, t.text) == ("eos", [base.primary_stop], "")
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"pth": 0}, "accepts every teacher token"),
+        ({"pth": 1.5}, "rejects every teacher token"),
+        ({"pth": -0.1}, "pth must be in (0, 1]"),
+        ({"pth": float("nan")}, "pth must be in (0, 1]"),
+        ({"fallback": "greedy"}, "fallback must be one of"),
+        ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_config_is_one_clear_error(kwargs, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        RSDConfig(**kwargs)

@@ -1,0 +1,75 @@
+"""Sampling routines against exact distributions (chi-square), and the rules of each fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from rsd_toolkit.config import RSDConfig
+from rsd_toolkit.engine import sampling
+
+DRAWS = 20000
+ALPHA = 1e-4  # a correct sampler fails one run in ten thousand
+
+
+def exact_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Reference nucleus distribution by sorting (what transformers does)."""
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+    out = torch.zeros_like(probs)
+    out[order[keep]] = sorted_p[keep]
+    return out / out.sum()
+
+
+def draw(probs_row: torch.Tensor, fn, n=DRAWS, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, sampling.UNIFORMS_PER_DRAW, generator=g)
+    return fn(probs_row.expand(n, -1).contiguous(), u)
+
+
+def assert_distributed_as(ids: torch.Tensor, expected: torch.Tensor) -> None:
+    counts = torch.bincount(ids, minlength=expected.numel()).double()
+    assert counts[expected == 0].sum() == 0, "sampled a token outside the support"
+    support = expected > 0
+    want = expected[support].double()
+    assert chisquare(counts[support].numpy(), (want / want.sum() * len(ids)).numpy()).pvalue > ALPHA
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_sample_matches_exact_nucleus(top_p):
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(40) * 1.5, -1)
+    ids = draw(probs, lambda p, u: sampling.sample(p, u, top_p))
+    assert_distributed_as(ids, exact_top_p(probs, top_p))
+
+
+def test_sample_falls_back_to_sorting_when_every_try_misses():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    u = torch.tensor([[0.99, 0.99, 0.99, 0.99, 0.2]])  # all tries land on token 3, outside top-0.5
+    assert sampling.sample(probs[None], u, 0.5).item() == 0  # u=0.2 of {0: .4, 1: .3} -> token 0
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 2.0, 1.9]])
+    assert sampling.tempered_probs(logits, 0).tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_strict_fallback_only_samples_tokens_at_or_above_pth():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.195, 0.004, 0.001]))
+    cfg = RSDConfig(fallback="strict", pth=0.01, temperature=1.0)
+    ids = draw(torch.zeros(5), lambda p, u: sampling.fallback(logits.expand(len(u), -1), u, cfg))
+    assert_distributed_as(ids, torch.tensor([0.5, 0.3, 0.195, 0, 0]) / 0.995)
+
+
+def test_topk_fallback_is_the_renormalised_top_k():
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
+    cfg = RSDConfig(fallback="topk", k=3, temperature=1.0)
+    ids = draw(torch.zeros(6), lambda p, u: sampling.fallback(probs.log().expand(len(u), -1), u, cfg))
+    assert_distributed_as(ids, torch.tensor([0.35, 0.25, 0.2, 0, 0, 0]) / 0.8)
+
+
+def test_in_topk():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
+    assert sampling.in_topk(logits, torch.tensor([1]), 2).item()
+    assert not sampling.in_topk(logits, torch.tensor([2]), 2).item()
