@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 assets: setup
-	$(BIN)/rsd assets fetch
+	$(BIN)/rsd assets fetch --group tokenizers --group smollm2
 
 demo: assets
 	$(BIN)/rsd compat asset:qwen2 asset:llama-bpe
@@ -26,6 +26,7 @@ test: assets
 
 bench: assets
 	$(BIN)/python benchmarks/bench_bridges.py --json
+	$(BIN)/python benchmarks/bench_engine.py --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

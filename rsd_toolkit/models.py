@@ -35,10 +35,12 @@ class LM:
     primary_stop: int | None = None
 
     @classmethod
-    def wrap(cls, model, tokenizer, name: str | None = None) -> "LM":
+    def wrap(cls, model, tokenizer, name: str | None = None, vocab: Vocab | None = None) -> "LM":
         """An LM from objects already in memory (tests, notebooks)."""
         name = name or getattr(tokenizer, "rsd_source", None) or getattr(model, "name_or_path", "") or "model"
-        vocab = Vocab.from_tokenizer(tokenizer, model_vocab_size=model.config.vocab_size, name=name)
+        if vocab is None:
+            vocab = Vocab.from_tokenizer(tokenizer, name=name)
+        vocab.model_vocab_size = model.config.vocab_size
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -65,16 +67,22 @@ class LM:
         return text, list(ids)
 
 
+def _gguf_has_weights(path: Path) -> bool:
+    """llama.cpp's ``ggml-vocab-*.gguf`` files carry a tokenizer and no tensors."""
+    from gguf import GGUFReader
+
+    return len(GGUFReader(str(path)).tensors) > 0
+
+
 def resolve_model_dir(spec: str) -> str:
-    """A folder or hub id ``from_pretrained`` can read; GGUF sources are converted once."""
-    if spec.startswith("asset:"):
-        path = assets.asset_path(spec.split(":", 1)[1])
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{spec} is a tokenizer, not a model; model assets: asset:smollm2")
-        return str(_converted_gguf_model(path))
-    path = Path(os.path.expanduser(spec))
+    """A folder or hub id ``from_pretrained`` can read; GGUF models are converted once."""
+    path = assets.asset_path(spec.split(":", 1)[1]) if spec.startswith("asset:") else Path(os.path.expanduser(spec))
     if path.is_file() and path.suffix == ".gguf":
+        if not _gguf_has_weights(path):
+            raise ModelLoadError(f"{spec} holds a tokenizer only, no weights; model assets: asset:smollm2")
         return str(_converted_gguf_model(path))
+    if spec.startswith("asset:"):
+        raise ModelLoadError(f"{spec} is a tokenizer, not a model; model assets: asset:smollm2")
     if path.is_file():
         raise ModelLoadError(f"{spec} is a file; pass a model folder, a .gguf file, a hub id or asset:smollm2")
     return str(path) if path.exists() else spec
@@ -108,12 +116,21 @@ def load_lm(
     device: str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    tokenizer=None,
 ) -> LM:
-    """Load a causal LM and its tokenizer (``device_map="auto"`` spreads a large teacher over GPUs)."""
+    """Load a causal LM and its tokenizer (``device_map="auto"`` spreads a large teacher over GPUs).
+
+    The tokenizer is loaded (and checked for bridging) before the weights, so a tokenizer we cannot use
+    fails in seconds, not after a multi-GB download.
+    """
     transformers = _quiet_transformers()
     import torch
 
     source = resolve_model_dir(spec)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code=trust_remote_code)
+    vocab = Vocab.from_tokenizer(tok, name=spec)  # raises UnsupportedTokenizer before any weights load
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -129,5 +146,17 @@ def load_lm(
     if device_map is None and device is not None:
         model.to(device)
     model.eval()
-    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    return LM.wrap(model, tok, name=spec)
+    return LM.wrap(model, tok, name=spec, vocab=vocab)
+
+
+def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) -> tuple[str, object, object]:
+    """Check a teacher/student pair from tokenizers alone (no weights): returns (kind, teacher_tok, student_tok).
+
+    Run this before loading models so a pair the bridges cannot handle fails before any download.
+    """
+    from .bridges import make_bridge
+
+    tt = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    st = load_tokenizer(student, trust_remote_code=trust_remote_code)
+    kind = make_bridge(Vocab.from_tokenizer(tt, name=teacher), Vocab.from_tokenizer(st, name=student)).kind
+    return kind, tt, st

@@ -64,3 +64,28 @@ def test_scores_are_the_logits_before_each_appended_token():
     torch.testing.assert_close(before[0], full[2], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(outs[0], full[3:5], atol=2e-4, rtol=1e-4)  # predict 15 and 16
     assert outs[1].shape[0] == 0
+
+
+def test_long_appends_run_as_a_sub_batch(monkeypatch):
+    from rsd_toolkit.engine import context
+
+    monkeypatch.setattr(context, "SPLIT_MIN_CELLS", 8)
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    seqs = [[5, 6], [7], [8, 9, 10], [11]]
+    ctx = BatchedContext(lm.model, 4)
+    ctx.extend(seqs)
+    ctx.positions = {"real": 0, "computed": 0}
+    appends = [[12], [], [13], [14, 15, 16, 17, 18]]
+    outs = ctx.extend(appends, scores=True)
+    assert ctx.positions == {"real": 7, "computed": 4 + 5}  # not 4 rows x 5 columns
+    for seq, a in zip(seqs, appends):
+        seq.extend(a)
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
+    with torch.inference_mode():
+        full = lm.model(input_ids=torch.tensor([seqs[3]])).logits[0]
+    torch.testing.assert_close(outs[3], full[1:5], atol=2e-4, rtol=1e-4)
+    ctx.extend([[1], [2], [3], [4]])  # and the cache keeps working afterwards
+    for b, seq in enumerate(seqs):
+        seq.append(b + 1)
+        torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)

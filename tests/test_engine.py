@@ -299,3 +299,44 @@ def test_eos_ends_the_trace(base):
 def test_bad_config_is_one_clear_error(kwargs, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         RSDConfig(**kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_finishes(base, monkeypatch, caplog):
+    from rsd_toolkit.engine import context
+
+    teacher, student = fixed(base, TEACHER_P), fixed(base, STUDENT_P)
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=6))
+    want = engine.generate(PROMPTS, batch_size=4)
+    real = context.BatchedContext._forward
+
+    def tight_memory(self, cache, valid, ids, *args):
+        if ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, cache, valid, ids, *args)
+
+    monkeypatch.setattr(context.BatchedContext, "_forward", tight_memory)
+    with caplog.at_level("WARNING", logger="rsd_toolkit.engine"):
+        got = engine.generate(PROMPTS, batch_size=8)
+    assert [t.ids for t in got] == [t.ids for t in want]
+    assert "batch size halved to 4" in caplog.text and "batch size halved to 2" in caplog.text
+
+
+def test_stop_string_ends_the_trace(base):
+    teacher, student = fixed(base, {A: 1.0}), fixed(base, {A: 0.5, B: 0.5})
+    stop = base.vocab.text_of([A, A])
+    t = RSDEngine(teacher, student, RSDConfig(max_new_tokens=20, stop_strings=(stop,))).generate(["q"])[0]
+    assert (t.finish_reason, t.ids) == ("stop", [A, A])
+
+
+def test_tokenizer_pair_is_checked_before_any_weights_load():
+    from rsd_toolkit.models import load_pair
+
+    kind, teacher_tok, student_tok = load_pair("asset:qwen2", "asset:llama-bpe")
+    assert kind == "bridged" and len(teacher_tok) > len(student_tok)
+
+
+def test_a_tokenizer_asset_is_not_a_model():
+    from rsd_toolkit.models import ModelLoadError, resolve_model_dir
+
+    with pytest.raises(ModelLoadError, match="tokenizer only, no weights"):
+        resolve_model_dir("asset:qwen2")

@@ -3,9 +3,12 @@
 import re
 from pathlib import Path
 
+from conftest import require_assets
+
 
 def test_readme_python_example_runs(vocab):
     vocab("qwen2")
+    require_assets("smollm2")
     readme = Path(__file__).resolve().parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks

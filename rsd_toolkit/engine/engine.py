@@ -179,6 +179,7 @@ class RSDEngine:
                 for b in done:
                     results[rows[b].index] = self._trace(rows[b])
                 keep = [b for b, r in enumerate(rows) if not r.finish]
+                self._count_positions(ctx)
                 for c in ctx.values():
                     if c is not None:
                         c.select(keep)
@@ -186,6 +187,14 @@ class RSDEngine:
                 if progress is not None:
                     for b in done:
                         progress(results[rows_done[b].index])
+
+    def _count_positions(self, ctx: dict) -> None:
+        """Accumulate decode-time forward cells per side (prompt prefill is counted separately)."""
+        for side, c in ctx.items():
+            if c is not None:
+                for k, v in c.positions.items():
+                    self.stats[f"{side}_{k}_positions"] += v
+                    c.positions[k] = 0
 
     def _new_row(self, index: int, prompt, seed: int) -> _Row:
         rng = torch.Generator().manual_seed((self.config.seed * 0x9E3779B1 + int(seed) * 0x85EBCA77) % (2**63))
@@ -207,6 +216,8 @@ class RSDEngine:
                 continue
             fresh = BatchedContext(lm.model, len(new))
             fresh.extend([r.ids[side] for r in new])
+            self.stats[f"{side}_prompt_positions"] += fresh.positions["computed"]
+            fresh.positions = {"real": 0, "computed": 0}
             if ctx[side] is None or not rows:
                 ctx[side] = fresh
             else:
@@ -226,7 +237,7 @@ class RSDEngine:
         split = sampling.UNIFORMS_PER_DRAW * cfg.teacher_draws
         s_logits = self._logits(ctx[STUDENT], self.student) if self.run_student else None
         t_logits = self._logits(ctx[TEACHER], self.teacher) if self.run_teacher else None
-        acc = sampling.acceptance_probs(s_logits, cfg) if s_logits is not None else None
+        acc = sampling.TokenProbs.acceptance(s_logits, cfg) if s_logits is not None else None
 
         decided: dict[int, _Decision] = {}
         if cfg.mode == "student":
@@ -270,9 +281,9 @@ class RSDEngine:
                 su = step.student
                 (single if su.rollback == 0 and len(su.append) == 1 else spans).append(b)
             if single:
-                rows_t = torch.tensor(single, device=acc.device)
-                tok = torch.tensor([trials[b].step.student.append[0] for b in single], device=acc.device)
-                passed = acc[rows_t, tok] >= cfg.pth
+                rows_t = torch.tensor(single, device=s_logits.device)
+                tok = torch.tensor([trials[b].step.student.append[0] for b in single], device=s_logits.device)
+                passed = acc.at(rows_t, tok) >= cfg.pth
                 if cfg.student_topk_gate:
                     passed &= sampling.in_topk(s_logits[rows_t], tok, cfg.k)
                 decided.update({b: trials[b] for b, flag in zip(single, passed.tolist()) if flag})
@@ -293,17 +304,16 @@ class RSDEngine:
                  if d.span_probs is None and d.step.student.rollback == 0 and d.step.student.append]  # fmt: skip
         p_first = {}
         if first and acc is not None:
-            idx = torch.tensor([b for b, _ in first], device=acc.device)
-            tok = torch.tensor([t for _, t in first], device=acc.device)
-            p_first = dict(zip((b for b, _ in first), acc[idx, tok].tolist()))
+            idx = torch.tensor([b for b, _ in first], device=acc.logits.device)
+            tok = torch.tensor([t for _, t in first], device=acc.logits.device)
+            p_first = dict(zip((b for b, _ in first), acc.at(idx, tok).tolist()))
         p_t = {}
         if t_logits is not None and not isinstance(rows[0].pair, TextPair):
             proposed = [(b, d.teacher_token) for b, d in decided.items() if d.teacher_token is not None]
             if proposed:
                 idx = torch.tensor([b for b, _ in proposed], device=t_logits.device)
                 tok = torch.tensor([t for _, t in proposed], device=t_logits.device)
-                lp = t_logits[idx].float().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-                p_t = dict(zip((b for b, _ in proposed), lp.exp().tolist()))
+                p_t = dict(zip((b for b, _ in proposed), sampling.TokenProbs(t_logits).at(idx, tok).tolist()))
         for b, d in decided.items():
             row, su, tu = rows[b], d.step.student, d.step.teacher
             row.pair = d.pair
@@ -388,7 +398,7 @@ class RSDEngine:
             preds = outs[b] if b in refed else torch.cat([prev[b : b + 1], outs[b]], dim=0)
             preds = fit_vocab(preds, lm.vocab.size).to(self._decision_device)
             tok = torch.tensor(upd.append, device=preds.device)
-            p = sampling.acceptance_probs(preds, self.config).gather(-1, tok[:, None])[:, 0]
+            p = sampling.TokenProbs.acceptance(preds, self.config).at(torch.arange(len(tok), device=preds.device), tok)
             gates = sampling.in_topk(preds, tok, self.config.k).tolist() if self.config.student_topk_gate else [True] * len(tok)
             result[b] = (p.tolist(), gates)
         return result

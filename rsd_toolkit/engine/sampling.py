@@ -34,6 +34,29 @@ def acceptance_probs(logits: torch.Tensor, config: RSDConfig) -> torch.Tensor:
     return tempered_probs(logits, config.temperature)
 
 
+class TokenProbs:
+    """Probabilities of chosen tokens without materialising a [rows, vocab] softmax: one log-sum-exp per row."""
+
+    def __init__(self, logits: torch.Tensor, temperature: float = 1.0):
+        self.logits = logits
+        self.temperature = temperature
+        if temperature == 0:
+            self.lse = None
+        else:
+            self.lse = torch.logsumexp(logits.float() / temperature, dim=-1)
+
+    @classmethod
+    def acceptance(cls, logits: torch.Tensor, config: RSDConfig) -> "TokenProbs":
+        """The probabilities compared with pth (see :func:`acceptance_probs`)."""
+        return cls(logits, 1.0 if config.acceptance_probs == "raw" else config.temperature)
+
+    def at(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        chosen = self.logits[rows, ids].float()
+        if self.lse is None:  # greedy: probability 1 for the argmax, 0 otherwise
+            return (self.logits[rows].argmax(-1) == ids).float()
+        return torch.exp(chosen / self.temperature - self.lse[rows])
+
+
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draw ids from non-negative ``weights`` [R, V] (need not sum to 1) with uniforms ``u`` [R, m] -> [R, m]."""
     cdf = weights.cumsum(-1)
@@ -58,7 +81,8 @@ def sample(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> torch.Te
         if todo.numel() == 0:
             return out
         cand = tries[todo, t]
-        ok = mass_above(probs[todo], cand) < top_p
+        rows = probs if t == 0 else probs[todo]  # first try: every row, no [rows, vocab] copy
+        ok = mass_above(rows, cand) < top_p
         out[todo[ok]] = cand[ok]
         todo = todo[~ok]
     for r in todo.tolist():  # all tries fell outside the nucleus (rare): exact by sorting this row

@@ -1,0 +1,97 @@
+"""Problems in: a hub dataset name (online users) or a local JSONL / JSON / Parquet / CSV file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .answers import last_boxed
+
+QUESTION_FIELDS = ("question", "problem", "prompt", "input")
+ANSWER_FIELDS = ("solution", "answer", "final_answer", "target", "output")  # s1K-1.1 first, then common schemas
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given; the message names the file, line or field."""
+
+
+@dataclass
+class Problem:
+    index: int  # position in the (unsharded) dataset: fixes order and seeds
+    id: str
+    question: str
+    answer: str  # reference final answer (a solution's last \boxed{} when it has one)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """Rows of a local file (by extension) or of a hub dataset."""
+    if os.path.exists(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext == ".jsonl":
+            return _read_jsonl(source)
+        builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+        if builder is None:
+            raise DataError(f"{source}: unknown file type {ext!r}; use .jsonl, .json, .parquet or .csv")
+        from datasets import load_dataset
+
+        try:
+            return list(load_dataset(builder, data_files=source, split="train"))
+        except Exception as e:  # datasets wraps parse errors in many types
+            raise DataError(f"{source}: cannot read as {builder}: {str(e).splitlines()[0]}") from None
+    from datasets import load_dataset
+
+    try:
+        return list(load_dataset(source, split=split))
+    except Exception as e:
+        raise DataError(f"dataset {source!r} (split {split!r}) could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def _pick(row: dict, wanted: str | None, defaults: tuple[str, ...], what: str, source: str) -> str:
+    if wanted:
+        if wanted not in row:
+            raise DataError(f"{source}: no field {wanted!r} for the {what}; fields: {', '.join(row)}")
+        return wanted
+    for name in defaults:
+        if name in row:
+            return name
+    raise DataError(f"{source}: no {what} field (tried {', '.join(defaults)}); pass --{what}-field, fields: {', '.join(row)}")
+
+
+def load_problems(
+    source: str,
+    split: str = "train",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    rows = load_rows(source, split)
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty")
+    if limit is not None:
+        rows = rows[:limit]
+    q = _pick(rows[0], question_field, QUESTION_FIELDS, "question", source)
+    a = _pick(rows[0], answer_field, ANSWER_FIELDS, "answer", source)
+    problems = []
+    for i, row in enumerate(rows):
+        if row.get(q) in (None, "") or row.get(a) in (None, ""):
+            raise DataError(f"{source}: row {i + 1} has an empty {q!r} or {a!r}")
+        answer = str(row[a])
+        problems.append(Problem(i, str(row.get("id", i)), str(row[q]), last_boxed(answer) or answer.strip()))
+    return problems
