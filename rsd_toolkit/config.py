@@ -93,3 +93,24 @@ class RSDConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+@dataclass
+class GenerateOptions:
+    """`rsd generate` run options (rejection sampling, filters, UPFT) beyond the decoding config."""
+
+    attempts: int = field(default=16, metadata={"help": "Traces per problem (rejection sampling)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows decoded together."})
+    upft_tokens: int = field(default=128, metadata={"help": "Prefix length kept for unsolved problems (UPFT)."})
+    answer_patterns: tuple[str, ...] = field(default=(), metadata={"help": "Extra answer regexes (group 1), tried after the last \\boxed{}."})
+    require_eos: bool = field(default=True, metadata={"help": "A kept trace must end with the student's EOS."})
+    require_think: bool = field(default=True, metadata={"help": "Exactly one end-of-think marker when the student's template uses one."})
+    max_fallback_rate: float = field(default=0.5, metadata={"help": "A kept RSD trace may have at most this share of student fallbacks."})
+    token_stats: bool = field(default=False, metadata={"help": "Add per-token records (id, source, p_s, p_t)."})
+
+    def __post_init__(self):
+        self.answer_patterns = tuple(self.answer_patterns)
+        if self.attempts < 1 or self.batch_size < 1 or self.upft_tokens < 1:
+            raise ConfigError("attempts, batch size and UPFT tokens must be >= 1")
+        if not 0 <= self.max_fallback_rate <= 1:
+            raise ConfigError(f"max fallback rate must be in [0, 1]; got {self.max_fallback_rate}")

@@ -23,6 +23,10 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what was tried."""
 
 
+class UnsupportedModel(ValueError):
+    """The model's cache layout cannot be rolled back per row."""
+
+
 @dataclass(eq=False)
 class LM:
     """A causal LM with its own tokenizer; ``stop_ids`` end a trace, ``primary_stop`` is the one emitted."""

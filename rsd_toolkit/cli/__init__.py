@@ -8,6 +8,7 @@ from .. import __version__
 from .assets import assets
 from .common import main_entry
 from .compat import compat
+from .generate import generate, merge
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -24,7 +25,10 @@ def cli() -> None:
 
 cli.add_command(assets)
 cli.add_command(compat)
+cli.add_command(generate)
+cli.add_command(merge)
 
 
 def main() -> None:
     main_entry(cli)
+

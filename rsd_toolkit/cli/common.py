@@ -24,6 +24,8 @@ def main_entry(group: click.Group) -> None:
     """Run the click group; known library errors become one-line messages (exit 2), Ctrl-C exits 130."""
     from ..assets import AssetError
     from ..bridges import TokenizerLoadError, UnsupportedTokenizer
+    from ..config import ConfigError
+    from ..models import ModelLoadError, UnsupportedModel
 
     try:
         group.main(standalone_mode=False)
@@ -33,7 +35,7 @@ def main_entry(group: click.Group) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (AssetError, TokenizerLoadError, UnsupportedTokenizer) as e:
+    except (AssetError, TokenizerLoadError, UnsupportedTokenizer, ModelLoadError, ConfigError, UnsupportedModel) as e:
         UserError(str(e)).show()
         sys.exit(2)
     except KeyboardInterrupt:

@@ -16,9 +16,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-
-class UnsupportedModel(ValueError):
-    """The model's cache layout cannot be rolled back per row."""
+from ..models import UnsupportedModel
 
 
 PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the attention-mask size)

@@ -1,0 +1,5 @@
+"""``python -m rsd_toolkit.cli`` (what ``torchrun -m`` launches)."""
+
+from . import main
+
+main()

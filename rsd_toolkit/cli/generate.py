@@ -1,0 +1,205 @@
+"""``rsd generate`` (problems in, verified RSD traces out) and ``rsd merge`` (join shard files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..config import ConfigError, GenerateOptions, RSDConfig
+from .common import UserError, console, err_console
+from .options import dataclass_options, pick
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``--shard i/n``, else the launcher's RANK/WORLD_SIZE, else 0/1."""
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+        if not 0 <= i < n:
+            raise UserError(f"--shard {shard!r}: need 0 <= I < N")
+        return i, n
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), n) if n > 1 else (0, 1)
+
+
+def shard_path(out: str, i: int, n: int) -> str:
+    if n == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.shard{i}-of-{n}{ext or '.jsonl'}"
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+@click.command()
+@click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
+@click.option("--student", required=True, help="Student model (same kinds of spec).")
+@click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file.")
+@click.option("--out", required=True, help="Output JSONL; rerunning with the same --out continues where it stopped.")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")
+@click.option("--question-field", default=None, help="Question field (default: question, problem, prompt…).")
+@click.option("--answer-field", default=None, help="Reference answer field (default: solution, answer…).")
+@click.option("--limit", type=int, default=None, help="Use only the first N problems.")
+@click.option("--shard", default=None, help="Take shard I of N (I/N); under torchrun/accelerate RANK/WORLD_SIZE decide.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help="parquet also writes OUT with .parquet (datasets-loadable).")
+@click.option("--force", is_flag=True, help="Start over when OUT was made with other settings (old file kept as .bak-N).")
+@click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
+@click.option("--device", default=None, help="Device for both models (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--teacher-device-map", default=None, help="e.g. auto: spread a large teacher over the visible GPUs.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
+@dataclass_options(GenerateOptions, rename={"answer_patterns": "answer_pattern"})
+@dataclass_options(RSDConfig)
+def generate(**kw) -> None:
+    """Generate verified RSD traces for a dataset of problems.
+
+    Each problem gets --attempts traces; the shortest one whose final answer (last \\boxed{}) is
+    mathematically equal to the reference (math-verify) and passes the filters is kept; unsolved
+    problems keep a --upft-tokens prefix (kind upft_prefix). One JSON line per problem, written as soon
+    as it is done: Ctrl-C or a crash loses nothing finished, and the same command continues.
+
+    \b
+    Example:
+      rsd generate --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
+          --dataset simplescaling/s1K-1.1 --out traces.jsonl --attempts 16 --dtype bfloat16
+      torchrun --nproc-per-node 8 -m rsd_toolkit.cli generate ... --out traces.jsonl   # 8 shards
+      rsd merge traces.jsonl traces.shard*-of-8.jsonl
+    """
+    from ..models import load_lm, load_pair
+    from ..traces.data import DataError, load_problems
+    from ..traces.pipeline import generate_traces, run_config
+    from ..traces.store import TraceFile, TraceFileError
+
+    rsd_kwargs = pick(RSDConfig, kw)
+    rsd_kwargs["stop_strings"] = tuple(rsd_kwargs.get("stop_strings", ()))
+    try:
+        config = RSDConfig(**rsd_kwargs)
+        opts = GenerateOptions(**pick(GenerateOptions, kw))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    i, n = parse_shard(kw["shard"])
+    out = shard_path(kw["out"], i, n)
+    try:
+        problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
+    except DataError as e:
+        raise UserError(str(e)) from None
+    problems = [p for p in problems if p.index % n == i]
+    kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
+    device = kw["device"] or default_device()
+    err_console.print(f"pair: {kind}; {len(problems)} problems (shard {i}/{n}); loading models on {device}…")
+    teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=None if kw["teacher_device_map"] else device,
+                      device_map=kw["teacher_device_map"], trust_remote_code=kw["trust_remote_code"])  # fmt: skip
+    student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
+    from ..engine import RSDEngine
+
+    engine = RSDEngine(teacher, student, config)
+    dataset = {"source": kw["dataset"], "split": kw["split"], "limit": kw["limit"], "shard": [i, n]}
+    try:
+        store = TraceFile(out, run_config(engine, opts, dataset), force=kw["force"])
+    except TraceFileError as e:
+        raise UserError(str(e)) from None
+    skipped = sum(store.done(p.id) for p in problems)
+    stats = {"solved": 0, "unsolved": 0, "attempts": 0, "tokens": 0, "accepted": 0, "decisions": 0, "t0": time.perf_counter()}
+    columns = (TextColumn("[bold]problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())  # fmt: skip
+    try:
+        with Progress(*columns, console=err_console, transient=False) as progress:
+            task = progress.add_task("generate", total=len(problems), completed=skipped, info="")
+
+            def on_trace(trace):
+                stats["attempts"] += 1
+                stats["tokens"] += len(trace.ids)
+                stats["accepted"] += trace.accepted
+                stats["decisions"] += trace.decisions
+
+            def on_problem(record):
+                stats["solved" if record["correct"] else "unsolved"] += 1
+                rate = stats["tokens"] / max(1e-9, time.perf_counter() - stats["t0"])
+                acc = stats["accepted"] / stats["decisions"] if stats["decisions"] else float("nan")
+                info = (f"solved {stats['solved']} · unsolved {stats['unsolved']} · attempts {stats['attempts']} · "
+                        f"{rate:.0f} tok/s · accept {acc:.0%}")  # fmt: skip
+                progress.update(task, advance=1, info=info)
+
+            generate_traces(engine, problems, store, opts, on_problem=on_problem, on_trace=on_trace)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {len(store.records)} problems saved in {out}; rerun the same command to continue")
+        raise SystemExit(130) from None
+    _summary(out, store, skipped, stats)
+    if kw["fmt"] == "parquet":
+        _write_parquet(out, list(store.records.values()))
+
+
+def _summary(out: str, store, skipped: int, stats: dict) -> None:
+    records = list(store.records.values())
+    table = Table(title=f"rsd generate → {out}")
+    for col in ("problems", "solved (full traces)", "unsolved (UPFT prefixes)", "resumed", "mean acceptance", "sub-pth tokens"):
+        table.add_column(col, justify="right")
+    acc = [r["acceptance_rate"] for r in records if r["acceptance_rate"] is not None]
+    table.add_row(str(len(records)), str(sum(r["kind"] == "full" for r in records)),
+                  str(sum(r["kind"] == "upft_prefix" for r in records)), str(skipped),
+                  f"{sum(acc) / len(acc):.1%}" if acc else "–", str(sum(r["sub_pth"] for r in records)))  # fmt: skip
+    console.print(table)
+    rejected: dict[str, int] = {}
+    for r in records:
+        for k, v in r.get("rejected", {}).items():
+            rejected[k] = rejected.get(k, 0) + v
+    if rejected:
+        console.print("attempts rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+
+
+def _write_parquet(out: str, records: list[dict]) -> None:
+    from datasets import Dataset
+
+    path = os.path.splitext(out)[0] + ".parquet"
+    rows = [{**r, "run": json.dumps(r["run"]), "rejected": json.dumps(r["rejected"])} for r in records]
+    Dataset.from_list(rows).to_parquet(path)
+    err_console.print(f"wrote {path}")
+
+
+@click.command()
+@click.argument("out")
+@click.argument("shards", nargs=-1, required=True)
+def merge(out: str, shards: tuple[str, ...]) -> None:
+    """Join shard files of `rsd generate` into OUT (by problem order, no duplicates).
+
+    \b
+    Example:
+      rsd merge traces.jsonl traces.shard*-of-8.jsonl
+    """
+    from ..traces.store import TraceFileError, read_records
+
+    merged: dict[str, dict] = {}
+    runs = set()
+    for path in shards:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file")
+        try:
+            for rec in read_records(path):
+                run = dict(rec.get("run", {}))
+                run["dataset"] = {k: v for k, v in run.get("dataset", {}).items() if k != "shard"}
+                runs.add(json.dumps(run, sort_keys=True))
+                merged.setdefault(str(rec["id"]), rec)
+        except TraceFileError as e:
+            raise UserError(str(e)) from None
+    if len(runs) > 1:
+        raise UserError("the shard files were made with different settings; merge only shards of one run")
+    records = sorted(merged.values(), key=lambda r: r.get("index", 0))
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    console.print(f"merged {len(records)} problems from {len(shards)} files into {out}")

@@ -1,0 +1,100 @@
+"""Problems in, verified RSD traces out: rejection sampling, filters, UPFT prefixes, one record per problem.
+
+For each problem the engine generates ``attempts`` traces (rows of one batch); the shortest trace whose
+final answer math-verify accepts and that passes the filters is kept. A problem none solves keeps the
+first ``upft_tokens`` student tokens of its first trace as a ``upft_prefix`` record (hybrid UPFT).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from dataclasses import asdict
+
+from ..config import GenerateOptions
+from ..engine import RSDEngine, Trace
+from .answers import answers_match, extract_answer
+from .data import Problem
+from .store import TraceFile
+
+
+def think_end_marker(engine: RSDEngine) -> str | None:
+    """The student's end-of-think marker, when its chat template uses one."""
+    vocab = engine.student.vocab
+    marker = vocab.added.get(vocab.roles.get("think_end", -1))
+    template = getattr(engine.student.tokenizer, "chat_template", None) or ""
+    return marker if marker and marker in str(template) else None
+
+
+def attempt_seed(problem_id: str, attempt: int) -> int:
+    """Stable across runs and shards: a rerun regenerates the same traces."""
+    return (zlib.crc32(str(problem_id).encode()) * 1024 + attempt) % (2**31)
+
+
+def judge(trace: Trace, problem: Problem, opts: GenerateOptions, marker: str | None, mode: str) -> tuple[str | None, bool, list[str]]:
+    """(predicted answer, correct, failed filters)."""
+    predicted = extract_answer(trace.text, opts.answer_patterns)
+    failed = []
+    if opts.require_eos and trace.finish_reason != "eos":
+        failed.append("no_eos")
+    if marker and opts.require_think and trace.text.count(marker) != 1:
+        failed.append("think_malformed")
+    if mode == "rsd" and trace.acceptance_rate is not None and 1 - trace.acceptance_rate > opts.max_fallback_rate:
+        failed.append("fallback_rate")
+    return predicted, answers_match(predicted, problem.answer), failed
+
+
+def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: GenerateOptions) -> dict:
+    """The record kept for a problem: shortest correct, filtered trace, else the UPFT prefix."""
+    marker = think_end_marker(engine)
+    verdicts = [judge(t, problem, opts, marker, engine.config.mode) for t in traces]
+    reasons = Counter(r for _, ok, failed in verdicts if ok for r in failed)
+    reasons["wrong_answer"] = sum(not ok for _, ok, _ in verdicts)
+    good = [i for i, (_, ok, failed) in enumerate(verdicts) if ok and not failed]
+    if good:
+        best = min(good, key=lambda i: len(traces[i].ids))
+        trace, kind, ids, text = traces[best], "full", traces[best].ids, traces[best].text
+    else:
+        best, trace, kind = 0, traces[0], "upft_prefix"
+        ids = trace.ids[: opts.upft_tokens]
+        text = engine.student.vocab.text_of([i for i in ids if i not in engine.student.stop_ids])
+    record = {
+        "id": problem.id, "index": problem.index, "question": problem.question, "reference": problem.answer,
+        "prompt": trace.student_prompt, "text": text, "ids": list(ids), "kind": kind, "correct": bool(good),
+        "predicted": verdicts[best][0], "attempts": len(traces), "correct_attempts": sum(ok for _, ok, _ in verdicts),
+        "kept_attempts": len(good), "rejected": dict(reasons), "finish_reason": trace.finish_reason,
+        "acceptance_rate": trace.acceptance_rate, "sub_pth": trace.sub_pth, "n_tokens": len(ids),
+        "teacher": engine.teacher.name, "student": engine.student.name,
+    }  # fmt: skip
+    if opts.token_stats:
+        record["records"] = [asdict(r) for r in trace.records[: len(ids)]]
+    return record
+
+
+def run_config(engine: RSDEngine, opts: GenerateOptions, dataset: dict) -> dict:
+    """What a trace file's records must agree on to be continued."""
+    keep = {k: v for k, v in asdict(opts).items() if k not in ("batch_size", "token_stats")}
+    keep["answer_patterns"] = list(opts.answer_patterns)
+    return {"teacher": engine.teacher.name, "student": engine.student.name, "bridge": engine.kind,
+            "rsd": engine.config.to_dict(), "generate": keep, "dataset": dataset}  # fmt: skip
+
+
+def generate_traces(engine: RSDEngine, problems: list[Problem], store: TraceFile, opts: GenerateOptions,
+                    on_problem=None, on_trace=None) -> list[dict]:  # fmt: skip
+    """Generate, judge and store every problem not yet in ``store``; returns the new records."""
+    todo = [p for p in problems if not store.done(p.id)]
+    per_call = max(1, math.ceil(opts.batch_size / opts.attempts))
+    written = []
+    for start in range(0, len(todo), per_call):
+        chunk = todo[start : start + per_call]
+        prompts = [p.question for p in chunk for _ in range(opts.attempts)]
+        seeds = [attempt_seed(p.id, k) for p in chunk for k in range(opts.attempts)]
+        traces = engine.generate(prompts, seeds=seeds, batch_size=opts.batch_size, progress=on_trace)
+        for i, problem in enumerate(chunk):
+            record = choose(problem, traces[i * opts.attempts : (i + 1) * opts.attempts], engine, opts)
+            store.append(record)
+            written.append(record)
+            if on_problem is not None:
+                on_problem(record)
+    return written
