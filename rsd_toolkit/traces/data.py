@@ -42,6 +42,8 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def load_rows(source: str, split: str = "train") -> list[dict]:
     """Rows of a local file (by extension) or of a hub dataset."""
+    if not os.path.exists(source) and os.path.splitext(source)[1].lower() in (".jsonl", ".json", ".parquet", ".csv"):
+        raise DataError(f"{source}: no such file")
     if os.path.exists(source):
         ext = os.path.splitext(source)[1].lower()
         if ext == ".jsonl":
