@@ -89,3 +89,17 @@ def test_long_appends_run_as_a_sub_batch(monkeypatch):
     for b, seq in enumerate(seqs):
         seq.append(b + 1)
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_extend_never_writes_into_logits_a_caller_holds():
+    """The engine keeps the previous logits to score a span's first token while other rows advance."""
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    ctx = BatchedContext(lm.model, 3)
+    ctx.extend([[1, 2], [3], [4, 5]])
+    held = ctx.last_logits
+    before = held.clone()
+    ctx.extend([[6, 7], [], [8]], scores=True)  # some rows only
+    saved = ctx.checkpoint([0])
+    ctx.extend([[9], [], []])
+    ctx.restore(saved, before)
+    torch.testing.assert_close(held, before)

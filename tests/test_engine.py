@@ -219,6 +219,9 @@ def test_cross_vocabulary_traces_are_canonical_and_respect_pth():
                 assert r.p_s >= cfg.pth
     assert teacher_sourced > 50 and sum(t.decisions - t.accepted for t in traces) > 20
     assert engine.stats["probed"] > 5  # spans other than one appended token were judged by a batched probe
+    alone = [engine.generate([p], seeds=[i])[0] for i, p in enumerate(PROMPTS)]
+    key = lambda t: (t.ids, [r.source for r in t.records], [round(r.p_s, 5) for r in t.records])  # noqa: E731
+    assert [key(t) for t in traces] == [key(t) for t in alone]  # probes of some rows leave the others alone
 
 
 def test_span_with_rollback_is_judged_on_every_student_token():

@@ -83,7 +83,8 @@ def math_file(tmp_path):
 
 def generate_args(model_dir, dataset, out, *extra):
     return ["generate", "--teacher", model_dir, "--student", model_dir, "--dataset", dataset, "--out", out,
-            "--attempts", "2", "--batch-size", "4", "--max-new-tokens", "6", "--device", "cpu", *extra]  # fmt: skip
+            "--attempts", "2", "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu", *extra]  # fmt: skip
+# batch 2 x attempts 2: each engine call covers 4 problems, so a run writes its file in two steps
 
 
 def test_generate_writes_one_record_per_problem_and_parquet(model_dir, math_file, tmp_path):
@@ -97,10 +98,10 @@ def test_generate_writes_one_record_per_problem_and_parquet(model_dir, math_file
     from datasets import Dataset
 
     assert Dataset.from_parquet(str(tmp_path / "traces.parquet")).num_rows == len(MATH)
-    again = CliRunner().invoke(cli, generate_args(model_dir, math_file, out))
+    again = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--token-stats"))
     assert again.exit_code == 0 and len(read_records(out)) == len(MATH)  # nothing to do, nothing duplicated
     other = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03"))
-    assert other.exit_code == 2 and "other settings (rsd)" in other.output
+    assert other.exit_code == 2 and "other settings (generate, rsd)" in other.output  # token stats and pth
     forced = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03", "--force", "--limit", "2"))
     assert forced.exit_code == 0 and len(read_records(out)) == 2 and os.path.exists(out + ".bak-1")
 

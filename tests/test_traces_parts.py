@@ -66,6 +66,10 @@ def test_problem_errors_name_the_line_and_fields(tmp_path):
         load_problems(str(bad))
     with pytest.raises(DataError, match="the dataset is empty"):
         load_problems(write_jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(DataError, match="share the id 'a'"):
+        load_problems(write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "question": "q", "answer": "1"}] * 2))
+    with pytest.raises(DataError, match="--limit must be >= 1"):
+        load_problems(write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "1"}]), limit=0)
     with pytest.raises(DataError, match="no answer field .*fields: question, note"):
         load_problems(write_jsonl(tmp_path / "noans.jsonl", [{"question": "q", "note": "n"}]))
 
@@ -82,5 +86,7 @@ def test_trace_file_resumes_drops_a_cut_line_and_refuses_other_settings(tmp_path
     assert [r["id"] for r in read_records(path)] == ["p1", "p2"]
     with pytest.raises(TraceFileError, match="other settings \\(pth\\)"):
         TraceFile(path, {"pth": 0.03})
+    with pytest.raises(TraceFileError, match="cannot write"):
+        TraceFile(str(tmp_path / "no" / "such" / "dir.jsonl"), {"pth": 0.01})
     forced = TraceFile(path, {"pth": 0.03}, force=True)
     assert not forced.done("p1") and (tmp_path / "traces.jsonl.bak-1").exists()

@@ -52,6 +52,10 @@ class TokenPair:
 
 
 def _map_token(bridge: Bridge, token: int) -> Update:
+    if token in bridge.specials and token not in bridge.expansions:
+        return Update(0, [bridge.specials[token]])
+    if token in bridge.expansions:
+        return Update(0, bridge.dst.encode(bridge.expansions[token].decode("utf-8", errors="replace")))
     target = bridge.table[token] if token < len(bridge.table) else -1
     if target >= 0:
         return Update(0, [target])

@@ -25,8 +25,12 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         if not 0 <= i < n:
             raise UserError(f"--shard {shard!r}: need 0 <= I < N")
         return i, n
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), n) if n > 1 else (0, 1)
+    try:
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        i = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise UserError("RANK/WORLD_SIZE must be integers (set by torchrun / accelerate launch)") from None
+    return (i, n) if n > 1 else (0, 1)
 
 
 def shard_path(out: str, i: int, n: int) -> str:
@@ -106,7 +110,7 @@ def generate(**kw) -> None:
     from ..engine import RSDEngine
 
     engine = RSDEngine(teacher, student, config)
-    dataset = {"source": kw["dataset"], "split": kw["split"], "limit": kw["limit"], "shard": [i, n]}
+    dataset = {"source": kw["dataset"], "split": kw["split"], "shard": [i, n]}  # --limit may grow between runs
     try:
         store = TraceFile(out, run_config(engine, opts, dataset), force=kw["force"])
     except TraceFileError as e:
@@ -191,6 +195,8 @@ def merge(out: str, shards: tuple[str, ...]) -> None:
                 run = dict(rec.get("run", {}))
                 run["dataset"] = {k: v for k, v in run.get("dataset", {}).items() if k != "shard"}
                 runs.add(json.dumps(run, sort_keys=True))
+                if "id" not in rec:
+                    raise UserError(f"{path}: a record without id; is this a trace file of `rsd generate`?")
                 merged.setdefault(str(rec["id"]), rec)
         except TraceFileError as e:
             raise UserError(str(e)) from None

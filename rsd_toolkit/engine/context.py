@@ -68,8 +68,9 @@ class BatchedContext:
             self.valid[r] = False
             self.valid[r, slots] = True
             self.slots[r] = slots
-            if last_logits is not None:
-                self.last_logits[r] = last_logits[r]
+        if last_logits is not None:  # a new tensor, as in extend
+            rows = torch.tensor(list(saved), device=self.last_logits.device)
+            self.last_logits = self.last_logits.index_copy(0, rows, last_logits[rows])
 
     # -- the forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -138,9 +139,10 @@ class BatchedContext:
         last = outputs[-1][:, -1]
         if self.last_logits is None or (rows is None and len(touched) == len(appends)):
             self.last_logits = last  # every row advanced: no [batch, vocab] copy
-        elif touched:
+        elif touched:  # a new tensor: callers may still hold the previous logits (never written in place)
             dst = torch.tensor([rows_list[j] for j in touched], device=self.last_logits.device)
-            self.last_logits[dst] = last[torch.tensor(touched, device=last.device)].to(self.last_logits.dtype)
+            src = last[torch.tensor(touched, device=last.device)].to(self.last_logits.dtype)
+            self.last_logits = self.last_logits.index_copy(0, dst, src)
         if not scores:
             return None
         block = torch.cat(outputs, dim=1)  # [R, n, V]
@@ -199,7 +201,7 @@ class BatchedContext:
                 )
 
     def maybe_compact(self) -> None:
-        """Compact when holes exceed a quarter of the cache (never between checkpoint and restore)."""
+        """Compact when the cache is over 1.25x the longest row + 64 slots (never between checkpoint and restore)."""
         longest = max(self.lengths(), default=0)
         if self.valid.shape[1] > 1.25 * longest + 64:
             self.compact()

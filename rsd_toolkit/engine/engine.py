@@ -137,6 +137,7 @@ class RSDEngine:
             if t_dev != s_dev:
                 log.info("teacher on %s, student on %s: logits are moved to the student's device", t_dev, s_dev)
         self.uniforms = sampling.uniforms_per_step(config)
+        self.batch_cap: int | None = None  # set when the GPU ran out of memory
         self.stats: Counter = Counter()  # engine events of the last generate(): probed spans, mid-character proposals…
 
     # -- public ---------------------------------------------------------------------------------
@@ -149,18 +150,23 @@ class RSDEngine:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.stats = Counter()
+        batch_size = min(batch_size, self.batch_cap or batch_size)
         results: list[Trace | None] = [None] * len(prompts)
         todo = deque(range(len(prompts)))
         while todo:
+            out_of_memory = False
             try:
                 self._run(prompts, seeds, todo, results, batch_size, progress)
             except torch.cuda.OutOfMemoryError:
+                out_of_memory = True
                 if batch_size == 1:
                     raise
-                torch.cuda.empty_cache()
                 batch_size //= 2
+                self.batch_cap = batch_size  # later calls start at the size that fitted
                 log.warning("out of GPU memory: batch size halved to %d, unfinished prompts restart", batch_size)
                 todo = deque(i for i in range(len(prompts)) if results[i] is None)
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # outside the except block: its traceback no longer pins the cache
         return results  # type: ignore[return-value]
 
     # -- the loop -------------------------------------------------------------------------------
@@ -325,10 +331,11 @@ class RSDEngine:
                 row.records.append(TokenRecord(tid, d.source, p))
             if len(su.append) == 1 and b in p_t:
                 row.records[-1].p_t = p_t[b]
-            if d.span_probs is None:  # probed spans are already in the student's cache
+            if d.span_probs is None and self.run_student:  # probed spans are already in the student's cache
                 row.pending[STUDENT] = su if row.pending[STUDENT] is None else row.pending[STUDENT].then(su)
             row.ids[TEACHER] = tu.apply(row.ids[TEACHER])
-            row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
+            if self.run_teacher:  # a side with no model keeps no pending work
+                row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
             self._check_finished(row, d)
 
     def _check_finished(self, row: _Row, d: "_Decision") -> None:
@@ -378,7 +385,9 @@ class RSDEngine:
         refed = set()
         for b, upd in updates.items():
             ids = rows[b].ids[side]
-            if upd.rollback or not upd.append:
+            if not upd.rollback and not upd.append:
+                continue
+            if upd.rollback:
                 c.rollback(b, upd.rollback + 1)
                 appends[b] = ids[len(ids) - len(upd.append) - 1 :]
                 refed.add(b)

@@ -87,6 +87,8 @@ def load_problems(
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
     if limit is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be >= 1; got {limit}")
         rows = rows[:limit]
     q = _pick(rows[0], question_field, QUESTION_FIELDS, "question", source)
     a = _pick(rows[0], answer_field, ANSWER_FIELDS, "answer", source)
@@ -95,5 +97,11 @@ def load_problems(
         if row.get(q) in (None, "") or row.get(a) in (None, ""):
             raise DataError(f"{source}: row {i + 1} has an empty {q!r} or {a!r}")
         answer = str(row[a])
-        problems.append(Problem(i, str(row.get("id", i)), str(row[q]), last_boxed(answer) or answer.strip()))
+        pid = str(row["id"]) if row.get("id") not in (None, "") else str(i)
+        problems.append(Problem(i, pid, str(row[q]), last_boxed(answer) or answer.strip()))
+    seen: dict[str, int] = {}
+    for p in problems:
+        if p.id in seen:
+            raise DataError(f"{source}: rows {seen[p.id] + 1} and {p.index + 1} share the id {p.id!r}; ids must be unique")
+        seen[p.id] = p.index
     return problems

@@ -7,8 +7,8 @@ first ``upft_tokens`` student tokens of its first trace as a ``upft_prefix`` rec
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 from collections import Counter
 from dataclasses import asdict
 
@@ -29,7 +29,8 @@ def think_end_marker(engine: RSDEngine) -> str | None:
 
 def attempt_seed(problem_id: str, attempt: int) -> int:
     """Stable across runs and shards: a rerun regenerates the same traces."""
-    return (zlib.crc32(str(problem_id).encode()) * 1024 + attempt) % (2**31)
+    digest = hashlib.blake2b(f"{problem_id}/{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def judge(trace: Trace, problem: Problem, opts: GenerateOptions, marker: str | None, mode: str) -> tuple[str | None, bool, list[str]]:
@@ -74,7 +75,7 @@ def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: Gener
 
 def run_config(engine: RSDEngine, opts: GenerateOptions, dataset: dict) -> dict:
     """What a trace file's records must agree on to be continued."""
-    keep = {k: v for k, v in asdict(opts).items() if k not in ("batch_size", "token_stats")}
+    keep = {k: v for k, v in asdict(opts).items() if k != "batch_size"}
     keep["answer_patterns"] = list(opts.answer_patterns)
     return {"teacher": engine.teacher.name, "student": engine.student.name, "bridge": engine.kind,
             "rsd": engine.config.to_dict(), "generate": keep, "dataset": dataset}  # fmt: skip
@@ -84,7 +85,9 @@ def generate_traces(engine: RSDEngine, problems: list[Problem], store: TraceFile
                     on_problem=None, on_trace=None) -> list[dict]:  # fmt: skip
     """Generate, judge and store every problem not yet in ``store``; returns the new records."""
     todo = [p for p in problems if not store.done(p.id)]
-    per_call = max(1, math.ceil(opts.batch_size / opts.attempts))
+    # Several batches' worth of rows per call: the engine refills finished rows instead of draining the
+    # batch down to one problem's longest attempt. An interrupt loses at most this chunk.
+    per_call = max(1, math.ceil(4 * opts.batch_size / opts.attempts))
     written = []
     for start in range(0, len(todo), per_call):
         chunk = todo[start : start + per_call]

@@ -22,21 +22,29 @@ class TraceFile:
         self.records: dict[str, dict] = {}
         if os.path.exists(path):
             self._load(force)
+        try:  # fail now, not after the first problem: missing folder, read-only file…
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise TraceFileError(f"{path}: cannot write ({e.strerror})") from None
 
     def _load(self, force: bool) -> None:
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a write was cut short: drop the partial line
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-        for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        try:
+            lines = data[:end].decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise TraceFileError(f"{self.path} is not UTF-8 JSONL; is this a trace file of `rsd generate`?") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                raise TraceFileError(f"{self.path} line {n} is not JSON; is this a trace file of `rsd generate`?") from None
+                rec = None
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise TraceFileError(f"{self.path} line {n} is not a trace record; is this a trace file of `rsd generate`?")
             if rec.get("run") != self.run_config:
                 if not force:
                     diff = sorted(k for k in set(rec.get("run", {})) | set(self.run_config)
@@ -48,6 +56,9 @@ class TraceFile:
                 self._set_aside()
                 return
             self.records[str(rec["id"])] = rec
+        if end < len(data):  # a write was cut short (and the file is ours): drop the partial line
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
 
     def _set_aside(self) -> None:
         n = 1
