@@ -8,7 +8,10 @@ from .. import __version__
 from .assets import assets
 from .common import main_entry
 from .compat import compat
+from .evaluate import evaluate
 from .generate import generate, merge
+from .sft import sft
+from .surprisal import compare, surprisal, sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +30,11 @@ cli.add_command(assets)
 cli.add_command(compat)
 cli.add_command(generate)
 cli.add_command(merge)
+cli.add_command(sft)
+cli.add_command(evaluate)
+cli.add_command(surprisal)
+cli.add_command(compare)
+cli.add_command(sweep)
 
 
 def main() -> None:

@@ -51,10 +51,14 @@ class TokenProbs:
         return cls(logits, 1.0 if config.acceptance_probs == "raw" else config.temperature)
 
     def at(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        chosen = self.logits[rows, ids].float()
+        return torch.exp(self.log_at(rows, ids))
+
+    def log_at(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (no underflow to 0 for very unlikely tokens: surprisal stays finite)."""
         if self.lse is None:  # greedy: probability 1 for the argmax, 0 otherwise
-            return (self.logits[rows].argmax(-1) == ids).float()
-        return torch.exp(chosen / self.temperature - self.lse[rows])
+            hit = self.logits[rows].argmax(-1) == ids
+            return torch.where(hit, 0.0, -torch.inf)
+        return self.logits[rows, ids].float() / self.temperature - self.lse[rows]
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def load_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows of a local file (by extension) or of a hub dataset."""
+def load_rows(source: str, split: str = "train", name: str | None = None) -> list[dict]:
+    """Rows of a local file (by extension) or of a hub dataset (``name``: its config, e.g. gsm8k's "main")."""
     if not os.path.exists(source) and os.path.splitext(source)[1].lower() in (".jsonl", ".json", ".parquet", ".csv"):
         raise DataError(f"{source}: no such file")
     if os.path.exists(source):
@@ -60,9 +60,10 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     from datasets import load_dataset
 
     try:
-        return list(load_dataset(source, split=split))
+        return list(load_dataset(source, name, split=split))
     except Exception as e:
-        raise DataError(f"dataset {source!r} (split {split!r}) could not be loaded: {str(e).splitlines()[0]}") from None
+        what = f"split {split!r}" + (f", config {name!r}" if name else "")
+        raise DataError(f"dataset {source!r} ({what}) could not be loaded: {str(e).splitlines()[0]}") from None
 
 
 def _pick(row: dict, wanted: str | None, defaults: tuple[str, ...], what: str, source: str) -> str:
@@ -82,8 +83,9 @@ def load_problems(
     question_field: str | None = None,
     answer_field: str | None = None,
     limit: int | None = None,
+    name: str | None = None,
 ) -> list[Problem]:
-    rows = load_rows(source, split)
+    rows = load_rows(source, split, name)
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
     if limit is not None:

@@ -1,0 +1,126 @@
+"""``rsd eval``: pass@1 over k samples on built-in benchmarks or local files, and change against a baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..config import ConfigError
+from ..evaluation import BENCHMARKS, EvalConfig
+from ..traces.answers import ANSWER_KINDS
+from .common import UserError, console, err_console
+from .options import dataclass_options, pick
+
+
+@click.command("eval")
+@click.option("--model", required=True, help="Model to evaluate: hub id, folder, .gguf file or asset:smollm2.")
+@click.option("--benchmark", "benchmarks", required=True, multiple=True,
+              help=f"{', '.join(sorted(BENCHMARKS))}, or a local .jsonl/.json/.parquet/.csv file. Repeatable.")
+@click.option("--out", default=None, help="Write per-problem records and summaries to this JSON file.")
+@click.option("--compare", "baseline", default=None, help="A results file of `rsd eval`: print the relative change against it.")
+@click.option("--split", default=None, help="Dataset split (default: the benchmark's; train for local files).")
+@click.option("--question-field", default=None, help="Question field of a local file (default: question, problem, prompt…).")
+@click.option("--answer-field", default=None, help="Answer field of a local file (default: solution, answer…).")
+@click.option("--kind", type=click.Choice(ANSWER_KINDS), default="math", show_default=True,
+              help="Answer kind of a local file: math (\\boxed{} + math-verify), gsm8k (#### N), mc (option letter).")
+@click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
+@click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--device-map", default=None, help="e.g. auto: spread a large model over the visible GPUs.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries (and comparison) as JSON on stdout.")
+@dataclass_options(EvalConfig)
+def evaluate(**kw) -> None:
+    """Evaluate a model: k samples per problem with its chat template, pass@1 averaged over k.
+
+    Math answers are the last \\boxed{} checked by math-verify; GSM8K references are the number after
+    ####; GPQA-Diamond options are shuffled (once per problem) and the answer is a letter.
+
+    \b
+    Example:
+      rsd eval --model qwen3-0.6b-rsd --benchmark aime24 --benchmark math500 --samples 8 --out rsd.json
+      rsd eval --model Qwen/Qwen3-0.6B --benchmark aime24 --samples 8 --out base.json
+      rsd eval --model qwen3-0.6b-rsd --benchmark aime24 --samples 8 --compare base.json
+      rsd eval --model M --benchmark test.jsonl --question-field q --answer-field a --kind gsm8k
+    """
+    from ..evaluation import EvalError, compare, evaluate as run, load_benchmark, read_results, resolve_benchmark
+    from ..traces.data import DataError
+
+    try:
+        config = EvalConfig(**pick(EvalConfig, kw))
+        benches = [resolve_benchmark(b, kw["question_field"], kw["answer_field"], kw["split"], kw["kind"])
+                   for b in kw["benchmarks"]]  # fmt: skip
+        baseline = read_results(kw["baseline"]) if kw["baseline"] else None
+        problems = {b.name: load_benchmark(b, config.limit) for b in benches}
+        model = _load_model(kw, config)
+    except (ConfigError, EvalError, DataError) as e:
+        raise UserError(str(e)) from None
+    results = {"model": kw["model"], "config": dataclasses.asdict(config), "benchmarks": {}}
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        for b in benches:
+            task = progress.add_task(f"{b.name} samples", total=len(problems[b.name]) * config.samples)
+            t0 = time.perf_counter()
+            result = run(model, b, problems[b.name], config, progress=lambda _t, task=task: progress.advance(task))
+            result["summary"]["seconds"] = time.perf_counter() - t0
+            results["benchmarks"][b.name] = result
+            if kw["out"]:  # after each benchmark: a crash keeps the finished ones
+                _write(kw["out"], results)
+    comparison = compare(results, baseline) if baseline else None
+    if kw["as_json"]:
+        payload = {"model": kw["model"], "summaries": {k: v["summary"] for k, v in results["benchmarks"].items()}}
+        if comparison is not None:
+            payload["compare"] = comparison
+        click.echo(json.dumps(payload, indent=2))
+        return
+    for name, result in results["benchmarks"].items():
+        _table(name, kw["model"], result["summary"])
+    if comparison is not None:
+        _compare_table(comparison, kw["baseline"])
+    if kw["out"]:
+        console.print(f"wrote {kw['out']}")
+
+
+def _load_model(kw: dict, config: EvalConfig):
+    if config.backend == "vllm":
+        from ..evaluation import load_vllm
+
+        return load_vllm(kw["model"], config, kw["trust_remote_code"])
+    from ..models import load_lm
+    from .generate import default_device
+
+    device = None if kw["device_map"] else (kw["device"] or default_device())
+    err_console.print(f"loading {kw['model']} on {kw['device_map'] or device}…")
+    return load_lm(kw["model"], dtype=kw["dtype"], device=device, device_map=kw["device_map"],
+                   trust_remote_code=kw["trust_remote_code"])  # fmt: skip
+
+
+def _write(path: str, results: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _table(name: str, model: str, s: dict) -> None:
+    table = Table(title=f"rsd eval · {name} · {model}")
+    for col in ("problems", "samples (k)", "pass@1", "± std over samples", "mean tokens", "truncated"):
+        table.add_column(col, justify="right")
+    table.add_row(str(s["problems"]), str(s["samples"]), f"{s['pass@1']:.1%}",
+                  f"{s['std']:.1%}" if s["samples"] > 1 else "–", f"{s['mean_tokens']:.0f}", f"{s['truncated']:.1%}")  # fmt: skip
+    console.print(table)
+
+
+def _compare_table(comparison: dict, baseline: str) -> None:
+    table = Table(title=f"change against {baseline}")
+    for col in ("benchmark", "baseline pass@1", "pass@1", "change (points)", "relative change"):
+        table.add_column(col, justify="right")
+    for name, c in comparison.items():
+        rel = f"{c['relative']:+.1%}" if c["relative"] is not None else "– (baseline 0)"
+        table.add_row(name, f"{c['baseline']:.1%}", f"{c['pass@1']:.1%}", f"{100 * c['change']:+.1f}", rel)
+    console.print(table)

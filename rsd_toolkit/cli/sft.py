@@ -1,0 +1,74 @@
+"""``rsd sft``: fine-tune a student on the traces of `rsd generate` (transformers Trainer)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+from rich.table import Table
+
+from ..config import ConfigError
+from ..sft import SFTConfig
+from .common import UserError, console, err_console
+from .options import dataclass_options, pick
+
+
+@click.command()
+@click.option("--student", required=True, help="Student model to fine-tune: hub id, folder, .gguf file or asset:smollm2.")
+@click.option("--traces", required=True, help="Trace file of `rsd generate` (JSONL), made for this student's tokenizer.")
+@click.option("--out", required=True, help="Output folder: checkpoints, then the model, tokenizer and rsd_sft_config.json.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@dataclass_options(SFTConfig)
+def sft(**kw) -> None:
+    """Fine-tune a student on RSD traces (completion-only loss, paper defaults).
+
+    The question goes through the student's chat template and is masked; the trace text is learned,
+    with the student's end token for full traces and without it for UPFT prefixes. s1K-style
+    <|im_start|>think / <|im_start|>answer markers become the student's <think> / </think> when it
+    has them. Rerunning the same command resumes from the last checkpoint in OUT.
+
+    \b
+    Example:
+      rsd sft --student Qwen/Qwen3-0.6B --traces traces.jsonl --out qwen3-0.6b-rsd
+      accelerate launch --num_processes 8 -m rsd_toolkit.cli sft --student Qwen/Qwen3-0.6B \\
+          --traces traces.jsonl --out qwen3-0.6b-rsd --gradient-checkpointing
+      torchrun --nproc_per_node 8 -m rsd_toolkit.cli sft ...   # same, with torchrun
+    """
+    from ..sft import SFTError, train
+
+    try:
+        config = SFTConfig(**pick(SFTConfig, kw))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    try:
+        summary = train(kw["student"], kw["traces"], kw["out"], config, trust_remote_code=kw["trust_remote_code"],
+                        info=_info)  # fmt: skip
+    except SFTError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: rerun the same command to resume from the last checkpoint in {kw['out']}")
+        raise SystemExit(130) from None
+    if not _main_process():
+        return  # one summary per run, not per process
+    if kw["as_json"]:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"rsd sft → {kw['out']}")
+    for col in ("examples", "full", "UPFT prefixes", "truncated", "steps", "effective batch", "bf16", "train loss"):
+        table.add_column(col, justify="right")
+    stats = summary["stats"]
+    table.add_row(str(summary["examples"]), str(stats.get("full", 0)), str(stats.get("upft_prefix", 0)),
+                  str(stats.get("truncated", 0)), str(summary["global_step"]), str(summary["effective_batch"]),
+                  "yes" if summary["bf16"] else "no", f"{summary['train_loss']:.4f}")  # fmt: skip
+    console.print(table)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _info(message: str) -> None:
+    if _main_process():
+        err_console.print(message, highlight=False, soft_wrap=True)

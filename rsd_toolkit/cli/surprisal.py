@@ -1,0 +1,388 @@
+"""``rsd surprisal`` (one trace set under a student), ``rsd compare`` (sets x students, the paper's
+Tables 1-2) and ``rsd sweep`` (generate at several thresholds and tabulate)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..config import ConfigError, RSDConfig
+from .common import UserError, console, err_console
+from .generate import default_device
+from .options import dataclass_options, pick
+
+# (lowest p_s of the bucket, style, legend): how the colour view paints each token
+COLOURS = ((0.5, "green", "p ≥ 0.5"), (0.1, "default", "0.1–0.5"), (None, "yellow", "pth–0.1"), (0.0, "bold white on red", "< pth"))
+
+
+def _check_pth(pth: float, flag: str = "--pth") -> None:
+    if not 0 < pth <= 1:
+        raise UserError(f"{flag} must be in (0, 1]; got {pth}")
+
+
+def model_options(fn):
+    """Options every scoring command shares."""
+    for opt in reversed([
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Traces scored together."),
+        click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32."),
+        click.option("--device", default=None, help="Device (default: cuda if available, else cpu)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders."),
+    ]):  # fmt: skip
+        fn = opt(fn)
+    return fn
+
+
+def data_options(fn):
+    for opt in reversed([
+        click.option("--text-field", default=None, help="Field holding the trace text (default: text, completion, response, output…)."),
+        click.option("--prompt-field", default=None, help="Field holding the prompt (default: question, problem, prompt…; '' for none)."),
+        click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets)."),
+        click.option("--limit", type=int, default=None, help="Score only the first N traces of each set."),
+        click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+                     help="Wrap prompts in the student's chat template (as generation and SFT do)."),
+    ]):  # fmt: skip
+        fn = opt(fn)
+    return fn
+
+
+def _load_items(source: str, kw: dict):
+    import os
+
+    from ..surprisal import load_items
+    from ..traces.data import DataError
+
+    if not os.path.exists(source) and source.endswith((".jsonl", ".json", ".parquet", ".csv")):
+        raise UserError(f"{source}: no such file")
+    try:
+        items = load_items(source, kw["text_field"], kw["prompt_field"], kw["split"], kw["limit"])
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if batch := kw.get("batch_size"):
+        if batch < 1:
+            raise UserError(f"--batch-size must be >= 1; got {batch}")
+    return items
+
+
+def _load_student(spec: str, kw: dict):
+    from ..models import load_lm
+
+    return load_lm(spec, dtype=kw["dtype"], device=kw["device"] or default_device(), trust_remote_code=kw["trust_remote_code"])
+
+
+def _score(lm, items, kw: dict, what: str):
+    """Score with a progress bar on stderr (stdout stays clean for --json)."""
+    from ..surprisal import score_items
+
+    columns = (TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(what, total=sum(1 for it in items if it.text), info="")
+        done = {"tokens": 0}
+
+        def tick(seqs: int, tokens: int) -> None:
+            done["tokens"] += tokens
+            progress.update(task, advance=seqs, info=f"{done['tokens']} tokens")
+
+        return score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"], progress=tick)
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None:
+        return "–"
+    if spec.endswith("f") and abs(x) >= 1e5:  # e.g. the perplexity of a random model
+        return format(x, ".3e")
+    return format(x, spec)
+
+
+# ------------------------------------------------------------------------------------- rsd surprisal
+@click.command()
+@click.argument("traces")
+@click.option("--student", required=True, help="Student model scoring the traces: hub id, folder, .gguf or asset:smollm2.")
+@click.option("--pth", type=float, default=0.01, show_default=True, help="Threshold of the sub-pth ratio (p_s < pth).")
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the most surprising tokens to list.")
+@click.option("--show", type=int, default=0, help="Print N traces with every token coloured by its surprisal.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG histogram of surprisal (needs matplotlib: pip install 'rsd-toolkit[plot]').")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+@data_options
+@model_options
+def surprisal(traces: str, **kw) -> None:
+    """Score a trace set under a student: how surprising is each token (-ln p_s)?
+
+    TRACES is an `rsd generate` file or any JSONL / JSON / Parquet / CSV file or hub dataset with a text
+    field. The text is re-encoded with the student's tokenizer and scored teacher-forced after the
+    prompt (in the student's chat template, not counted). Reports the sub-pth ratio (the paper: 6.70 %
+    of teacher tokens vs 0.09 % of RSD tokens below 1 % under Qwen3-0.6B), mean surprisal, perplexity,
+    percentiles, a histogram and the most surprising tokens in context.
+
+    \b
+    Example:
+      rsd surprisal --student Qwen/Qwen3-0.6B traces.jsonl --show 2
+      rsd surprisal --student asset:smollm2 data.jsonl --text-field response --json > report.json
+    """
+    from ..surprisal import report
+
+    _check_pth(kw["pth"])
+    if kw["top"] < 0 or kw["show"] < 0:
+        raise UserError("--top and --show must be >= 0")
+    if kw["plot"]:
+        _require_matplotlib()
+    items = _load_items(traces, kw)
+    lm = _load_student(kw["student"], kw)
+    scored = _score(lm, items, kw, "scoring")
+    rep = report(lm, scored, kw["pth"], traces, top=kw["top"], skipped=len(items) - len(scored))
+    if kw["plot"]:
+        _plot(scored, kw["pth"], kw["plot"], f"{traces} under {lm.name}")
+    if kw["as_json"]:
+        click.echo(json.dumps(rep, ensure_ascii=False))
+        return
+    _render_report(rep)
+    if kw["show"]:
+        _render_coloured(lm, scored[: kw["show"]], kw["pth"])
+    if kw["plot"]:
+        console.print(f"histogram written to {kw['plot']}")
+
+
+def _render_report(rep: dict) -> None:
+    s, pth = rep["summary"], rep["pth"]
+    console.print(f"[bold]{rep['source']}[/] scored by [bold]{rep['student']}[/]", soft_wrap=True, highlight=False)
+    table = Table(show_header=False)
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    rows = [("traces", str(s["traces"])), ("tokens", str(s["tokens"])), (f"tokens with p_s < {pth:g}", str(s["sub_pth"])),
+            ("sub-pth ratio", _fmt(s["sub_pth_ratio"], ".2%")), ("mean surprisal (nats)", _fmt(s["mean_surprisal"], ".3f")),
+            ("perplexity", _fmt(s["perplexity"], ".2f")),
+            *((f"surprisal p{q}", _fmt(v, ".2f")) for q, v in s["percentiles"].items()),
+            ("max surprisal", _fmt(s["max_surprisal"], ".2f"))]  # fmt: skip
+    if s["accuracy"] is not None:
+        rows.append(("correct traces", f"{s['accuracy']:.1%}"))
+    for name, value in rows:
+        table.add_row(name, value, style="bold" if name == "sub-pth ratio" else None)
+    console.print(table)
+    if rep["skipped_empty"]:
+        console.print(f"[dim]{rep['skipped_empty']} empty traces skipped[/]")
+    hist = Table(title="student probability of each trace token", show_edge=False)
+    hist.add_column("p_s", justify="right")
+    hist.add_column("surprisal (nats)", justify="right")
+    hist.add_column("tokens", justify="right")
+    hist.add_column("share", justify="right")
+    hist.add_column("")
+    total = max(1, s["tokens"])
+    peak = max((b["count"] for b in rep["histogram"]), default=0) or 1
+    for b in rep["histogram"]:
+        lo, hi = b["p_low"], b["p_high"]
+        s_lo = -math.log(hi) + 0.0 if hi > 0 else math.inf  # + 0.0: no "-0.00"
+        s_hi = -math.log(lo) if lo > 0 else math.inf
+        bar = Text("█" * round(30 * b["count"] / peak), style="red" if b["below_pth"] else "cyan")
+        hist.add_row(f"{lo:g}–{hi:g}", f"{s_lo:.2f}–{s_hi:.2f}", str(b["count"]), f"{b['count'] / total:.2%}", bar)
+    console.print(hist)
+    if rep["top_tokens"]:
+        top = Table(title="most surprising tokens", show_edge=False)
+        for c in ("trace", "pos", "p_s", "context"):
+            top.add_column(c, justify="right" if c in ("pos", "p_s") else "left", overflow="fold")
+        for t in rep["top_tokens"]:
+            ctx = Text(_visible(t["before"]), style="dim")
+            ctx.append(_visible(t["token"]) or "∅", style="bold white on red")
+            ctx.append(_visible(t["after"]), style="dim")
+            top.add_row(str(t["trace"]), str(t["position"]), f"{t['p_s']:.2e}", ctx)
+        console.print(top)
+
+
+def _visible(s: str) -> str:
+    return s.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def _style(p: float, pth: float) -> str:
+    if p < pth:
+        return COLOURS[3][1]
+    if p >= 0.5:
+        return COLOURS[0][1]
+    return COLOURS[1][1] if p >= 0.1 else COLOURS[2][1]
+
+
+def _render_coloured(lm, scored, pth: float) -> None:
+    from ..surprisal import token_texts
+
+    legend = Text("legend: ")
+    for _, style, label in COLOURS:
+        legend.append(f" {label.replace('pth', f'{pth:g}')} ", style=style)
+        legend.append(" ")
+    console.print(legend)
+    for t in scored:
+        out = Text()
+        for piece, lp in zip(token_texts(lm, t.ids), t.logprobs.tolist()):
+            out.append(piece, style=_style(math.exp(lp), pth))
+        console.rule(f"trace {t.id}")
+        console.print(out)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'rsd-toolkit[plot]'") from None
+
+
+def _plot(scored, pth: float, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    s = torch.cat([t.surprisal() for t in scored]).numpy() if scored else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(s, bins=60, log=True, color="#3b82f6")
+    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
+    ax.set_xlabel("surprisal -ln p_s (nats)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise UserError(f"--plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------- rsd compare
+@click.command()
+@click.argument("traces", nargs=-1, required=True)
+@click.option("--student", "students", multiple=True, required=True,
+              help="Student(s) scoring every set; repeat for the cross-model transfer view.")
+@click.option("--label", "labels", multiple=True, help="Row labels for the trace sets, in order (default: file names without extension).")
+@click.option("--pth", type=float, default=0.01, show_default=True, help="Threshold of the sub-pth ratio.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
+@data_options
+@model_options
+def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[str, ...], **kw) -> None:
+    """Compare trace sets under one or more students: the form of the paper's Tables 1-2.
+
+    One row per (trace set, student): tokens, sub-pth ratio, mean surprisal, perplexity and the share
+    of correct traces when the records say so. Traces tailored to student A scored under student B show
+    how well RSD data transfers.
+
+    \b
+    Example:
+      rsd compare --student Qwen/Qwen3-0.6B teacher.jsonl rsd.jsonl --label teacher --label RSD
+      rsd compare --student Qwen/Qwen3-0.6B --student meta-llama/Llama-3.2-1B rsd_qwen.jsonl rsd_llama.jsonl
+    """
+    import os
+
+    from ..surprisal import summarize
+
+    _check_pth(kw["pth"])
+    if labels and len(labels) != len(traces):
+        raise UserError(f"{len(labels)} --label for {len(traces)} trace sets; give one per set or none")
+    names = list(labels) or [os.path.splitext(os.path.basename(t))[0] for t in traces]
+    sets = [(name, _load_items(t, kw)) for name, t in zip(names, traces)]  # bad files fail before any model loads
+    rows = []
+    for spec in students:
+        lm = _load_student(spec, kw)
+        for name, items in sets:
+            stats = summarize(_score(lm, items, kw, f"{name} under {spec}"), kw["pth"])
+            rows.append({"set": name, "student": spec, **{k: v for k, v in stats.items() if k != "percentiles"}})
+        del lm
+        gc.collect()
+    if kw["as_json"]:
+        click.echo(json.dumps({"pth": kw["pth"], "rows": rows}, ensure_ascii=False))
+        return
+    several = len(students) > 1
+    console.print(f"scored by [bold]{', '.join(students)}[/]", soft_wrap=True, highlight=False)
+    table = Table()
+    for c in ("trace set", *(("student",) if several else ()), "traces", "tokens", f"p_s < {kw['pth']:g}", "mean surprisal", "perplexity", "correct"):
+        left = c in ("trace set", "student")
+        table.add_column(c, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
+    for r in rows:
+        table.add_row(r["set"], *((r["student"],) if several else ()), str(r["traces"]), str(r["tokens"]), _fmt(r["sub_pth_ratio"], ".2%"),
+                      _fmt(r["mean_surprisal"], ".3f"), _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------- rsd sweep
+def _parse_pths(text: str) -> list[float]:
+    try:
+        pths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--pths {text!r}: expected comma-separated numbers, e.g. 0.1,0.03,0.01") from None
+    if not pths:
+        raise UserError("--pths is empty; e.g. --pths 0.1,0.03,0.01")
+    for p in pths:
+        _check_pth(p, "--pths values")
+    return pths
+
+
+@click.command()
+@click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
+@click.option("--student", required=True, help="Student model (same kinds of spec).")
+@click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file of problems.")
+@click.option("--pths", default="0.1,0.03,0.01,0.003", show_default=True, help="Thresholds to generate with.")
+@click.option("--limit", type=int, default=16, show_default=True, help="Problems to use (the first N).")
+@click.option("--attempts", type=int, default=1, show_default=True, help="Traces per problem at each setting.")
+@click.option("--report-pth", type=float, default=0.01, show_default=True, help="Threshold of the reported sub-pth ratio.")
+@click.option("--teacher-baseline/--no-teacher-baseline", default=True, show_default=True,
+              help="Also generate teacher-only traces (direct distillation) as the first row.")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")
+@click.option("--question-field", default=None, help="Question field (default: question, problem, prompt…).")
+@click.option("--answer-field", default=None, help="Reference answer field (default: solution, answer…).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
+@model_options
+@dataclass_options(RSDConfig, exclude=("mode", "pth", "allow_extreme_pth"))
+def sweep(**kw) -> None:
+    """Generate with several thresholds and tabulate acceptance, sub-pth ratio, perplexity, accuracy.
+
+    Every setting decodes the same problems with the same seeds; the traces are then scored under the
+    student (as `rsd surprisal` does) at --report-pth.
+
+    \b
+    Example:
+      rsd sweep --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
+          --dataset simplescaling/s1K-1.1 --pths 0.1,0.03,0.01,0.003 --limit 32 --dtype bfloat16
+    """
+    from ..models import load_lm, load_pair
+    from ..surprisal import sweep as run_sweep
+    from ..traces.data import DataError, load_problems
+
+    pths = _parse_pths(kw["pths"])
+    _check_pth(kw["report_pth"], "--report-pth")
+    if kw["attempts"] < 1 or kw["batch_size"] < 1:
+        raise UserError("--attempts and --batch-size must be >= 1")
+    rsd_kwargs = pick(RSDConfig, kw)
+    rsd_kwargs["stop_strings"] = tuple(rsd_kwargs.get("stop_strings", ()))
+    try:
+        config = RSDConfig(**rsd_kwargs)
+        problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
+    except (ConfigError, DataError) as e:
+        raise UserError(str(e)) from None
+    kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
+    device = kw["device"] or default_device()
+    err_console.print(f"pair: {kind}; {len(problems)} problems x {kw['attempts']} attempts; loading models on {device}…")
+    teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
+    student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
+    n_settings = len(pths) + kw["teacher_baseline"]
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("sweep", total=n_settings * len(problems) * kw["attempts"])
+        rows = run_sweep(
+            teacher, student, problems, pths, config, attempts=kw["attempts"], batch_size=kw["batch_size"],
+            report_pth=kw["report_pth"], include_teacher=kw["teacher_baseline"],
+            on_setting=lambda label: progress.update(task, description=label),
+            on_trace=lambda trace: progress.update(task, advance=1),
+        )  # fmt: skip
+    if kw["as_json"]:
+        click.echo(json.dumps({"teacher": kw["teacher"], "student": kw["student"], "rows": rows}, ensure_ascii=False))
+        return
+    table = Table(title=f"{kw['teacher']} → {kw['student']}: {len(problems)} problems x {kw['attempts']}")
+    for c in ("setting", "acceptance", "mean tokens", f"p_s < {kw['report_pth']:g}", "perplexity", "correct"):
+        table.add_column(c, justify="left" if c == "setting" else "right")
+    for r in rows:
+        table.add_row(r["setting"], _fmt(r["acceptance_rate"], ".1%"), f"{r['mean_length']:.0f}", _fmt(r["sub_pth_ratio"], ".2%"),
+                      _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
+    console.print(table)
