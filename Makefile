@@ -19,7 +19,7 @@ assets: setup
 	$(BIN)/rsd assets fetch --group tokenizers --group smollm2
 
 demo: assets
-	$(BIN)/rsd compat asset:qwen2 asset:llama-bpe
+	$(BIN)/rsd demo
 
 test: assets
 	$(BIN)/python -m pytest -q

@@ -21,7 +21,7 @@ from .engine import RSDEngine
 from .engine.scoring import score_completions
 from .models import LM
 from .traces.answers import answers_match, extract_answer
-from .traces.data import QUESTION_FIELDS, DataError, Problem, load_rows
+from .traces.data import QUESTION_FIELDS, DataError, Problem, load_first_rows
 from .traces.pipeline import attempt_seed
 
 TEXT_FIELDS = ("text", "completion", "response", "output", "trace")
@@ -63,13 +63,7 @@ def load_items(
 
     ``prompt_field=""`` scores the text without a prompt (from BOS).
     """
-    rows = load_rows(source, split)
-    if not rows:
-        raise DataError(f"{source}: no traces in it")
-    if limit is not None:
-        if limit < 1:
-            raise DataError(f"--limit must be >= 1; got {limit}")
-        rows = rows[:limit]
+    rows = load_first_rows(source, split, limit)
     first = rows[0]
     tf = text_field or next((f for f in TEXT_FIELDS if f in first), None)
     if tf is None or tf not in first:

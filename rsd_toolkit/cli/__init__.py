@@ -8,6 +8,7 @@ from .. import __version__
 from .assets import assets
 from .common import main_entry
 from .compat import compat
+from .demo import demo
 from .evaluate import evaluate
 from .generate import generate, merge
 from .sft import sft
@@ -21,13 +22,14 @@ def cli() -> None:
 
     \b
     Example:
-      rsd assets fetch
-      rsd compat asset:qwen2 asset:llama-bpe
+      rsd assets fetch --group tokenizers --group smollm2
+      rsd demo
     """
 
 
 cli.add_command(assets)
 cli.add_command(compat)
+cli.add_command(demo)
 cli.add_command(generate)
 cli.add_command(merge)
 cli.add_command(sft)

@@ -27,6 +27,9 @@ def main_entry(group: click.Group) -> None:
     from ..config import ConfigError
     from ..models import ModelLoadError, UnsupportedModel
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: the commands show their own progress
     try:
         group.main(standalone_mode=False)
     except click.exceptions.Abort:

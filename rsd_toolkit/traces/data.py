@@ -77,6 +77,18 @@ def _pick(row: dict, wanted: str | None, defaults: tuple[str, ...], what: str, s
     raise DataError(f"{source}: no {what} field (tried {', '.join(defaults)}); pass --{what}-field, fields: {', '.join(row)}")
 
 
+def load_first_rows(source: str, split: str = "train", limit: int | None = None, name: str | None = None) -> list[dict]:
+    """``load_rows`` cut to ``limit``; an empty dataset or a bad limit is a one-line error."""
+    rows = load_rows(source, split, name)
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be >= 1; got {limit}")
+        rows = rows[:limit]
+    return rows
+
+
 def load_problems(
     source: str,
     split: str = "train",
@@ -85,13 +97,7 @@ def load_problems(
     limit: int | None = None,
     name: str | None = None,
 ) -> list[Problem]:
-    rows = load_rows(source, split, name)
-    if not rows:
-        raise DataError(f"{source}: the dataset is empty")
-    if limit is not None:
-        if limit < 1:
-            raise DataError(f"--limit must be >= 1; got {limit}")
-        rows = rows[:limit]
+    rows = load_first_rows(source, split, limit, name)
     q = _pick(rows[0], question_field, QUESTION_FIELDS, "question", source)
     a = _pick(rows[0], answer_field, ANSWER_FIELDS, "answer", source)
     problems = []
