@@ -109,7 +109,11 @@ def student_dir(info: Callable[[str], None] = print) -> str:
         train(str(init), str(corpus), str(out), config, info=lambda _: None)
         for ckpt in out.glob("checkpoint-*"):
             shutil.rmtree(ckpt)
-        os.replace(out, final)  # atomic: a half-trained student is never cached
+        try:
+            os.replace(out, final)  # atomic: a half-trained student is never cached
+        except OSError:
+            if not (final / "config.json").exists():  # not another process finishing first
+                raise
     return str(final)
 
 

@@ -82,7 +82,7 @@ def load_items(
         text = row.get(tf)
         if not isinstance(text, str):
             raise DataError(f"{source}: row {i + 1}: field {tf!r} is {type(text).__name__}, not text")
-        keep = {k: row[k] for k in ("correct", "kind", "acceptance_rate", "sub_pth") if k in row}
+        keep = {k: row[k] for k in ("correct", "kind", "acceptance_rate") if k in row}
         rid = str(row["id"]) if row.get("id") not in (None, "") else str(i)
         items.append(TextItem(rid, str(row[pf]) if pf and row.get(pf) is not None else None, text, keep))
     return items
@@ -148,11 +148,14 @@ def histogram(traces: list[ScoredTrace], pth: float) -> list[dict]:
     return bins
 
 
-def token_texts(lm: LM, ids: list[int]) -> list[str]:
-    """Each token's share of the decoded text (a token ending mid-character shows with the next one)."""
+def token_texts(lm: LM, ids: list[int], start: bool = True) -> list[str]:
+    """Each token's share of the decoded text (a token ending mid-character shows with the next one).
+
+    ``start``: ``ids`` begin the text (a SentencePiece dummy-prefix space is dropped only there).
+    """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     texts = [decoder.decode(lm.vocab.token_bytes[i]) for i in ids]
-    if texts and lm.vocab.strip_leading_space and texts[0].startswith(" "):
+    if start and texts and lm.vocab.strip_leading_space and texts[0].startswith(" "):
         texts[0] = texts[0][1:]
     return texts
 
@@ -169,7 +172,7 @@ def top_tokens(lm: LM, traces: list[ScoredTrace], n: int = 10, context_chars: in
         ti = int(torch.searchsorted(ends, flat, right=True))
         t = traces[ti]
         k = flat - (int(ends[ti - 1]) if ti else 0)
-        texts = token_texts(lm, t.ids[max(0, k - 32) : k + 9])
+        texts = token_texts(lm, t.ids[max(0, k - 32) : k + 9], start=k <= 32)
         j = k - max(0, k - 32)
         out.append({
             "trace": t.id, "position": k, "token": texts[j], "token_id": t.ids[k], "p_s": math.exp(-s),
@@ -237,7 +240,7 @@ def sweep(
         row = {
             "setting": label, "mode": cfg.mode, "pth": cfg.pth if cfg.mode == "rsd" else None,
             "acceptance_rate": sum(t.accepted for t in traces) / decisions if decisions else None,
-            "traces": len(traces), "tokens": stats["tokens"], "mean_length": stats["tokens"] / max(1, len(scored)),
+            "traces": len(traces), "tokens": stats["tokens"], "mean_length": stats["tokens"] / max(1, len(traces)),
             "report_pth": report_pth, "sub_pth_ratio": stats["sub_pth_ratio"], "mean_surprisal": stats["mean_surprisal"],
             "perplexity": stats["perplexity"], "accuracy": sum(correct) / len(correct) if correct else None,
         }  # fmt: skip

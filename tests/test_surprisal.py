@@ -123,7 +123,7 @@ def student_dirs(tmp_path_factory):
 def trace_file(tmp_path):
     """A file shaped like `rsd generate` output."""
     path = tmp_path / "traces.jsonl"
-    rows = [{"id": i, "question": q, "text": t, "correct": c, "kind": "full", "run": {}} for i, q, t, c in TEXTS]
+    rows = [{"id": i, "question": q, "text": t, "correct": c, "kind": "full", "sub_pth": 0, "run": {}} for i, q, t, c in TEXTS]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return str(path)
 
@@ -145,6 +145,7 @@ def test_surprisal_json_schema(student_dirs, trace_file):
     assert sum(b["count"] for b in rep["histogram"]) == s["tokens"]
     assert len(rep["top_tokens"]) == 4 and {"trace", "position", "token", "p_s", "surprisal", "before", "after"} <= set(rep["top_tokens"][0])
     assert [t["id"] for t in rep["traces"]] == ["p0", "p1", "p2", "p3"] and sum(t["tokens"] for t in rep["traces"]) == s["tokens"]
+    assert sum(t["sub_pth"] for t in rep["traces"]) == s["sub_pth"] > 0  # scored now, not the record's field
 
 
 def test_surprisal_renders_tables_colours_and_plot(student_dirs, trace_file, tmp_path):
@@ -180,6 +181,10 @@ def test_generic_dataset_fields_and_errors(student_dirs, tmp_path):
     missing = run("surprisal", "--student", student_dirs["qwen"], str(path))
     assert missing.exit_code == 2 and "no text field" in missing.output and "reply" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+    badplot = run("surprisal", "--student", student_dirs["qwen"], str(path), "--text-field", "reply", "--plot", str(tmp_path / "h.xyz"))
+    assert badplot.exit_code == 2 and "unknown image type" in badplot.output
+    nodir = run("surprisal", "--student", student_dirs["qwen"], str(path), "--text-field", "reply", "--plot", str(tmp_path / "no" / "h.png"))
+    assert nodir.exit_code == 2 and "does not exist" in nodir.output
     nofile = run("surprisal", "--student", student_dirs["qwen"], str(tmp_path / "nope.jsonl"))
     assert nofile.exit_code == 2 and "no such file" in nofile.output
     badpth = run("surprisal", "--student", student_dirs["qwen"], str(path), "--text-field", "reply", "--pth", "0")

@@ -131,7 +131,7 @@ def surprisal(traces: str, **kw) -> None:
     if kw["top"] < 0 or kw["show"] < 0:
         raise UserError("--top and --show must be >= 0")
     if kw["plot"]:
-        _require_matplotlib()
+        _check_plot_path(kw["plot"])
     items = _load_items(traces, kw)
     lm = _load_student(kw["student"], kw)
     scored = _score(lm, items, kw, "scoring")
@@ -221,11 +221,26 @@ def _render_coloured(lm, scored, pth: float) -> None:
         console.print(out)
 
 
-def _require_matplotlib() -> None:
+def _check_plot_path(path: str) -> None:
+    """Before any scoring: matplotlib present, a format it writes, a folder we can write to."""
+    import os
+
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'rsd-toolkit[plot]'") from None
+    from matplotlib.figure import Figure
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if ext not in formats:
+        raise UserError(f"--plot {path}: unknown image type {ext or '(none)'!r}; use .png, .svg or .pdf")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--plot {path}: folder {folder} does not exist or is not writable")
 
 
 def _plot(scored, pth: float, path: str, title: str) -> None:
@@ -246,8 +261,8 @@ def _plot(scored, pth: float, path: str, title: str) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise UserError(f"--plot {path}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--plot {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         plt.close(fig)
 
