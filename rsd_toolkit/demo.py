@@ -125,6 +125,10 @@ def run(problems: int = 8, max_new_tokens: int = 40, batch_size: int = 8, info: 
     from .surprisal import TextItem, score_items, summarize
     from .traces.answers import answers_match, extract_answer
 
+    from .assets import asset_path
+
+    for name in ("smollm2", STUDENT_TOKENIZER.removeprefix("asset:")):
+        asset_path(name)  # a missing asset fails here, in one line, before any training
     student_path = student_dir(info)
     compat = analyse(load_vocab(TEACHER), load_vocab(student_path))
     teacher, student = load_lm(TEACHER, dtype="float32", device="cpu"), load_lm(student_path, dtype="float32", device="cpu")
