@@ -101,6 +101,31 @@ def asset_path(name: str) -> Path:
     return path
 
 
+def build_once(target: Path, build, marker: str) -> Path:
+    """``target`` (a cache folder), built by ``build(folder)`` if ``target/marker`` is not there yet.
+
+    The build goes to a temporary folder beside it, renamed into place when complete: a killed build leaves
+    nothing half-written, and of two processes building at once the first rename wins.
+    """
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        staging = Path(tmp) / "out"
+        staging.mkdir()
+        build(staging)
+        if (target / marker).exists():  # another process finished first
+            return target
+        if target.exists():  # an incomplete leftover of an older layout
+            shutil.rmtree(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / marker).exists():
+                raise
+    return target
+
+
 def _is_complete(source: Source) -> bool:
     root = cache_dir() / "assets" / source.dest
     return all((root / Path(m).name).exists() for m in source.members)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .checks import InputError, number, regex
+
 MODES = ("rsd", "teacher", "student")
 ACCEPTANCE_PROBS = ("raw", "tempered")
 FALLBACKS = ("sample", "strict", "topk")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A decoding option has a value we cannot run with (message says which and what is allowed)."""
 
 
@@ -57,23 +59,21 @@ class RSDConfig:
             raise ConfigError(f"acceptance_probs must be raw or tempered; got {self.acceptance_probs!r}")
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"fallback must be one of {', '.join(FALLBACKS)}; got {self.fallback!r}")
-        if not self.pth >= 0:  # also catches NaN
+        if not (isinstance(self.pth, (int, float)) and self.pth >= 0):  # also catches NaN
             raise ConfigError(f"pth must be in (0, 1]; got {self.pth}")
         if (self.pth == 0 or self.pth > 1) and not self.allow_extreme_pth:
             limit = "accepts every teacher token (use mode=teacher)" if self.pth == 0 else "rejects every teacher token (use mode=student)"
             raise ConfigError(
                 f"pth must be in (0, 1]; pth={self.pth} {limit}, or pass --allow-extreme-pth to run it as an ablation"
             )
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0; got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1; got {self.k}")
-        if self.teacher_draws < 1:
-            raise ConfigError(f"teacher_draws must be >= 1; got {self.teacher_draws}")
+        number(self.temperature, "temperature", low=0, error=ConfigError)
+        number(self.top_p, "top_p", low=0, high=1, low_open=True, error=ConfigError)
+        number(self.max_new_tokens, "max_new_tokens", low=1, error=ConfigError)
+        number(self.k, "k", low=1, error=ConfigError)
+        number(self.teacher_draws, "teacher_draws", low=1, error=ConfigError)
+        number(self.seed, "seed", low=0, error=ConfigError)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ConfigError("stop strings must be non-empty strings")
         self.stop_strings = tuple(self.stop_strings)
 
     @classmethod
@@ -110,7 +110,8 @@ class GenerateOptions:
 
     def __post_init__(self):
         self.answer_patterns = tuple(self.answer_patterns)
-        if self.attempts < 1 or self.batch_size < 1 or self.upft_tokens < 1:
-            raise ConfigError("attempts, batch size and UPFT tokens must be >= 1")
-        if not 0 <= self.max_fallback_rate <= 1:
-            raise ConfigError(f"max fallback rate must be in [0, 1]; got {self.max_fallback_rate}")
+        for name in ("attempts", "batch_size", "upft_tokens"):
+            number(getattr(self, name), name, low=1, error=ConfigError)
+        number(self.max_fallback_rate, "max_fallback_rate", low=0, high=1, error=ConfigError)
+        for pattern in self.answer_patterns:
+            regex(pattern, "answer pattern")

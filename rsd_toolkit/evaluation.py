@@ -12,9 +12,12 @@ import importlib.util
 import math
 import os
 import random
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checks import InputError, InputWarning, input_file, number
 from .config import ConfigError
 from .traces.answers import ANSWER_KINDS, extract_for, gsm8k_reference, match_for
 from .traces.data import DataError, Problem, load_problems, load_rows
@@ -28,7 +31,7 @@ INSTRUCTIONS = {
 }
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """A benchmark, results file or option we cannot evaluate with; the message says what to pass."""
 
 
@@ -75,12 +78,12 @@ class EvalConfig:
     backend: str = _f("hf", "hf: the toolkit's engine (teacher-only mode); vllm: vLLM, when installed.", choices=BACKENDS)
 
     def __post_init__(self):
-        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("samples, batch size and max new tokens must be >= 1")
-        if self.limit < 0:
-            raise ConfigError(f"limit must be >= 0 (0 = all); got {self.limit}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        for name in ("samples", "batch_size", "max_new_tokens"):
+            number(getattr(self, name), name, low=1, error=ConfigError)
+        number(self.limit, "limit (0 = all)", low=0, error=ConfigError)
+        number(self.temperature, "temperature", low=0, error=ConfigError)
+        number(self.top_p, "top_p", low=0, high=1, low_open=True, error=ConfigError)
+        number(self.seed, "seed", low=0, error=ConfigError)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
 
@@ -125,6 +128,14 @@ def load_benchmark(bench: Benchmark, limit: int = 0) -> list[Problem]:
         problems = [dataclasses.replace(p, answer=gsm8k_reference(p.answer) or p.answer) for p in problems]
     if bench.kind == "mc":
         problems = [dataclasses.replace(p, answer=p.answer.strip().strip("()").upper()) for p in problems]
+        not_letters = [p for p in problems if not re.fullmatch(r"[A-Z]", p.answer)]
+        if len(not_letters) == len(problems):
+            raise EvalError(f"{bench.source}: --kind mc needs option letters as answers (A, B, …), got "
+                            f"{not_letters[0].answer!r}; use --kind math or --kind gsm8k for these answers")  # fmt: skip
+        if not_letters:
+            warnings.warn(f"{bench.source}: {len(not_letters)} of {len(problems)} answers are not option letters "
+                          f"(first: problem {not_letters[0].id}, {not_letters[0].answer!r}); they can never be "
+                          "scored correct", InputWarning, stacklevel=2)  # fmt: skip
     return problems
 
 
@@ -231,11 +242,24 @@ def evaluate(model, bench: Benchmark, problems: list[Problem], config: EvalConfi
     from .traces.pipeline import attempt_seed
 
     k = config.samples
+    skipped = []
+    if config.backend == "hf":
+        from .traces.pipeline import context_overflow, describe_too_long
+
+        rsd = config.rsd_config()
+        over = [context_overflow([model], prompt_for(p, bench.kind, config), rsd) for p in problems]
+        skipped = [(p, *o) for p, o in zip(problems, over) if o is not None]
+        problems = [p for p, o in zip(problems, over) if o is None]
+        if skipped:
+            warnings.warn(f"{bench.name}: {describe_too_long(skipped, config.max_new_tokens)}", InputWarning, stacklevel=2)
+        if not problems:
+            raise EvalError(f"{bench.name}: no problem fits the model's context; lower --max-new-tokens")
     prompts = [prompt_for(p, bench.kind, config) for p in problems for _ in range(k)]
     seeds = [attempt_seed(p.id, j) for p in problems for j in range(k)]
     generate = generate_vllm if config.backend == "vllm" else generate_hf
     result = score(problems, bench.kind, generate(model, prompts, seeds, config, progress), k)
-    info = {"name": bench.name, "source": bench.source, "split": bench.split, "kind": bench.kind, "config": bench.config}
+    info = {"name": bench.name, "source": bench.source, "split": bench.split, "kind": bench.kind, "config": bench.config,
+            "skipped_too_long": [p.id for p, _, _ in skipped]}  # fmt: skip
     return {"benchmark": info, **result}
 
 
@@ -263,6 +287,7 @@ def read_results(path: str) -> dict:
 
     if not os.path.exists(path):
         raise EvalError(f"{path}: no such results file; write one with `rsd eval … --out {path}`")
+    input_file(path, "--compare")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

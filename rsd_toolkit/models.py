@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import assets
 from .bridges import Vocab, load_tokenizer
-from .bridges.loading import _quiet_transformers
+from .bridges.loading import _quiet_transformers, quiet_progress
 from .config import RSDConfig
 
 
@@ -55,6 +54,17 @@ class LM:
         primary = vocab.roles.get("turn_end") if has_template and "turn_end" in vocab.roles else None
         primary = primary if primary is not None else (eos[0] if eos else tokenizer.eos_token_id)
         return cls(model=model, tokenizer=tokenizer, vocab=vocab, name=name, stop_ids=stops, primary_stop=primary)
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model was trained for (None when its config does not say)."""
+        config = getattr(self.model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def prompt(self, prompt: str | list[dict], config: RSDConfig) -> tuple[str, list[int]]:
         """The prompt as this model sees it (its own chat template) and its ids."""
@@ -96,21 +106,19 @@ def _converted_gguf_model(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|model-v1".encode()).hexdigest()[:12]
     target = assets.cache_dir() / "converted" / f"model-{path.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
     transformers = _quiet_transformers()
-    import torch
 
-    gguf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    load_tokenizer(str(path)).save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    def build(out: Path) -> None:
+        import torch
+
+        with quiet_progress():
+            gguf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.save_pretrained(str(out))
+        load_tokenizer(str(path)).save_pretrained(str(out))
+
+    return assets.build_once(target, build, "config.json")
 
 
 def load_lm(
@@ -130,11 +138,16 @@ def load_lm(
     transformers = _quiet_transformers()
     import torch
 
-    source = resolve_model_dir(spec)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code=trust_remote_code)
-    vocab = Vocab.from_tokenizer(tok, name=spec)  # raises UnsupportedTokenizer before any weights load
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    try:
+        source = resolve_model_dir(spec)
+    except (ModelLoadError, assets.AssetError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt GGUF raises anything from struct to numpy errors
+        raise ModelLoadError(f"cannot read model {spec!r} ({_one_line(e)})") from None
+    tok = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code=trust_remote_code)
+    vocab = Vocab.from_tokenizer(tok, name=spec)  # raises UnsupportedTokenizer before any weights load
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -144,13 +157,21 @@ def load_lm(
             trust_remote_code=trust_remote_code,
             attn_implementation="sdpa",
         )
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - truncated weights, bad configs, missing files: one line, not a traceback
+        raise ModelLoadError(f"cannot load model {spec!r} ({_one_line(e)})") from None
     if device_map is None and device is not None:
         model.to(device)
     model.eval()
-    return LM.wrap(model, tok, name=spec, vocab=vocab)
+    lm = LM.wrap(model, tok, name=spec, vocab=vocab)
+    if lm.primary_stop is None:
+        raise ModelLoadError(f"{spec!r} has no EOS token (tokenizer or generation config) and no chat template with an "
+                             "end-of-turn token, so a trace could never end; set eos_token in its tokenizer_config.json")  # fmt: skip
+    return lm
+
+
+def _one_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def load_pair(teacher: str, student: str, *, trust_remote_code: bool = False) -> tuple[str, object, object]:

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checks import InputError, input_file, number
 from .config import ConfigError
 
 log = logging.getLogger("rsd_toolkit.sft")
@@ -32,7 +33,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 CONFIG_FILE = "rsd_sft_config.json"
 
 
-class SFTError(ValueError):
+class SFTError(InputError):
     """The traces or the student cannot be trained on as given; the message says why and what to do."""
 
 
@@ -74,14 +75,19 @@ class SFTConfig:
     report_to: str = _f("none", "Trainer integrations to log to (none, tensorboard, wandb…).")
 
     def __post_init__(self):
-        if self.learning_rate <= 0 or self.epochs <= 0:
-            raise ConfigError("learning rate and epochs must be > 0")
-        if self.batch_size < 1 or self.per_device_batch_size < 1 or self.max_length < 2:
-            raise ConfigError("batch sizes must be >= 1 and max length >= 2")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup ratio must be in [0, 1); got {self.warmup_ratio}")
+        number(self.learning_rate, "learning_rate", low=0, low_open=True, error=ConfigError)
+        number(self.epochs, "epochs", low=0, low_open=True, error=ConfigError)
+        for name in ("batch_size", "per_device_batch_size", "lora_r", "lora_alpha", "logging_steps"):
+            number(getattr(self, name), name, low=1, error=ConfigError)
+        number(self.max_length, "max_length", low=2, error=ConfigError)
+        number(self.warmup_ratio, "warmup_ratio", low=0, high=1, high_open=True, error=ConfigError)
+        number(self.weight_decay, "weight_decay", low=0, error=ConfigError)
+        number(self.lora_dropout, "lora_dropout", low=0, high=1, high_open=True, error=ConfigError)
+        number(self.save_steps, "save_steps", low=0, error=ConfigError)
+        number(self.save_total_limit, "save_total_limit", low=1, error=ConfigError)
+        number(self.seed, "seed", low=0, error=ConfigError)
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max steps must be >= 1 or -1 (all epochs); got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 1 or -1 (all epochs); got {self.max_steps}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         parse_markers(self.source_markers, "source markers")
@@ -126,21 +132,25 @@ def student_markers(config: SFTConfig, vocab) -> tuple[tuple[str, str], tuple[st
 
 # ---------------------------------------------------------------------------------------------- data
 def read_traces(path: str) -> list[dict]:
-    """The records of a trace file of `rsd generate`, checked for the fields SFT needs."""
-    from .traces.store import TraceFileError, read_records
+    """The records of a trace file of `rsd generate`, checked for the fields SFT needs (a cut-off last line
+    is skipped with a warning, as everywhere a trace file is read)."""
+    from .traces.store import read_records
 
     if not os.path.exists(path):
         raise SFTError(f"{path}: no such trace file; make one with `rsd generate … --out {path}`")
-    try:
-        records = read_records(path)
-    except (TraceFileError, UnicodeDecodeError) as e:
-        raise SFTError(f"{path}: not a trace file of `rsd generate` ({e})") from None
+    input_file(path, "--traces")
+    records = read_records(path)
     if not records:
         raise SFTError(f"{path}: the trace file is empty")
     for n, rec in enumerate(records, 1):
-        missing = [k for k in ("question", "text", "kind") if not isinstance(rec, dict) or k not in rec]
+        missing = [k for k in ("question", "text", "kind") if k not in rec]
         if missing:
             raise SFTError(f"{path} record {n}: no {', '.join(missing)}; is this a trace file of `rsd generate`?")
+        for key in ("question", "text"):
+            if not isinstance(rec[key], str):
+                what = "null" if rec[key] is None else f"a {type(rec[key]).__name__}"
+                raise SFTError(f"{path} record {n} (id {rec.get('id')!r}): {key!r} is {what}, expected text; "
+                               "fix or remove that record")  # fmt: skip
         if rec["kind"] not in ("full", "upft_prefix"):
             raise SFTError(f"{path} record {n}: unknown kind {rec['kind']!r} (expected full or upft_prefix)")
     return records

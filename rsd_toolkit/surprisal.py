@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +22,7 @@ from .engine import RSDEngine
 from .engine.scoring import score_completions
 from .models import LM
 from .traces.answers import answers_match, extract_answer
-from .traces.data import QUESTION_FIELDS, DataError, Problem, load_first_rows
+from .traces.data import QUESTION_FIELDS, DataError, Problem, as_text, load_first_rows
 from .traces.pipeline import attempt_seed
 
 TEXT_FIELDS = ("text", "completion", "response", "output", "trace")
@@ -84,7 +85,8 @@ def load_items(
             raise DataError(f"{source}: row {i + 1}: field {tf!r} is {type(text).__name__}, not text")
         keep = {k: row[k] for k in ("correct", "kind", "acceptance_rate") if k in row}
         rid = str(row["id"]) if row.get("id") not in (None, "") else str(i)
-        items.append(TextItem(rid, str(row[pf]) if pf and row.get(pf) is not None else None, text, keep))
+        prompt = as_text(row[pf], f"{source}: row {i + 1}, field {pf!r},") if pf and row.get(pf) is not None else None
+        items.append(TextItem(rid, prompt, text, keep))
     return items
 
 
@@ -101,15 +103,23 @@ def score_items(
     batch_size: int = 16,
     chat_template: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    skipped: Counter | None = None,
 ) -> list[ScoredTrace]:
     """Teacher-forced log p_s of every text token (prompt in the student's chat template, not scored).
 
-    Empty texts are dropped.
+    Empty texts, and texts that with their prompt exceed the student's context (positions it was never
+    trained on would score garbage), are dropped and counted in ``skipped`` ("empty", "too_long").
     """
     config = RSDConfig(chat_template=chat_template)
+    skipped = skipped if skipped is not None else Counter()
+    skipped["empty"] += sum(not it.text for it in items)
     items = [it for it in items if it.text]
     prompts = [lm.prompt(it.prompt, config)[1] if it.prompt is not None else start_ids(lm) for it in items]
     completions = [lm.vocab.encode(it.text) for it in items]
+    limit = lm.context_length
+    fits = [limit is None or len(p) + len(c) <= limit for p, c in zip(prompts, completions)]
+    skipped["too_long"] += fits.count(False)
+    items, prompts, completions = ([x for x, ok in zip(seq, fits) if ok] for seq in (items, prompts, completions))
     logprobs = score_completions(lm, prompts, completions, batch_size=batch_size, progress=progress)
     return [ScoredTrace(it.id, c, lp, it.fields) for it, c, lp in zip(items, completions, logprobs)]
 
@@ -190,13 +200,14 @@ def per_trace(traces: list[ScoredTrace], pth: float) -> list[dict]:
     return rows
 
 
-def report(lm: LM, traces: list[ScoredTrace], pth: float, source: str, top: int = 10, skipped: int = 0) -> dict:
+def report(lm: LM, traces: list[ScoredTrace], pth: float, source: str, top: int = 10, skipped: Counter | None = None) -> dict:
     """Everything ``rsd surprisal --json`` prints."""
     return {
         "source": source,
         "student": lm.name,
         "pth": pth,
-        "skipped_empty": skipped,
+        "skipped_empty": (skipped or {}).get("empty", 0),
+        "skipped_too_long": (skipped or {}).get("too_long", 0),
         "summary": summarize(traces, pth),
         "histogram": histogram(traces, pth),
         "top_tokens": top_tokens(lm, traces, top),

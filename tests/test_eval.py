@@ -205,7 +205,7 @@ def test_eval_end_to_end_samples_from_the_engine_writes_records_and_compares(mod
         (["--benchmark", "aime23"], "unknown benchmark 'aime23'; known: aime24, aime25, gpqa_diamond, gsm8k, math500"),
         (["--benchmark", "missing.jsonl"], "missing.jsonl: no such file"),
         (["--benchmark", "aime24", "--compare", "nope.json"], "nope.json: no such results file"),
-        (["--benchmark", "aime24", "--samples", "0"], "samples, batch size and max new tokens must be >= 1"),
+        (["--benchmark", "aime24", "--samples", "0"], "samples must be >= 1"),
     ],
 )
 def test_bad_eval_input_is_a_one_line_error(args, message, tmp_path, monkeypatch):

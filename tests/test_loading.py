@@ -94,3 +94,47 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TokenizerLoadError, match="hub id"):
         load_tokenizer("some-org/some-model-that-is-not-cached")
+
+
+def _facts(tok) -> dict:
+    """What must not depend on whether a conversion was cached: vocab, added tokens, normaliser, pre-tokeniser."""
+    backend = tok.backend_tokenizer
+    return {
+        "vocab": tok.get_vocab(),
+        "added": {i: str(t) for i, t in tok.added_tokens_decoder.items()},
+        "normalizer": backend.normalizer.__getstate__() if backend.normalizer else None,
+        "pre_tokenizer": backend.pre_tokenizer.__getstate__() if backend.pre_tokenizer else None,
+        "special": tok.all_special_tokens,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama-bpe", "mistral-v1"])
+def test_cold_and_warm_conversion_give_the_identical_tokenizer(family, vocab, tmp_path, monkeypatch):
+    """The first (converting) load and a load from the conversion cache are the same tokenizer, and the
+    pair verdict `rsd compat` prints does not depend on whether the cache was warm."""
+    import copy
+    import json
+    import shutil
+
+    from rsd_toolkit.bridges import Vocab, analyse, classify
+    from rsd_toolkit.bridges.loading import _load_uncached
+
+    vocab(family)
+    source = assets.asset_path(family)
+    local = tmp_path / source.name
+    shutil.copyfile(source, local)
+    monkeypatch.setenv("RSD_CACHE", str(tmp_path / "empty-cache"))
+    cold = _load_uncached(str(local), False)
+    assert list((tmp_path / "empty-cache" / "converted").iterdir()), "the first load converts into the cache"
+    warm = _load_uncached(str(local), False)
+    assert _facts(cold) == _facts(warm)
+    cold_v, warm_v = Vocab.from_tokenizer(cold, name="cold"), Vocab.from_tokenizer(warm, name="warm")
+    assert analyse(cold_v, warm_v).verdict == "identical"
+    # the case that once differed: the same tokenizer plus <think> tokens, in a folder whose config pads it
+    think = copy.deepcopy(warm)
+    think.add_tokens(["<think>", "</think>"])
+    folder = tmp_path / "think"
+    think.save_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": len(think) + 128}))
+    think_v = Vocab.from_tokenizer(_load_uncached(str(folder), False), name="think", model_vocab_size=len(think) + 128)
+    assert classify(cold_v, think_v) == classify(warm_v, think_v) == "remappable"

@@ -8,6 +8,7 @@ import pytest
 
 from rsd_toolkit.traces.answers import answers_match, extract_answer, last_boxed
 from rsd_toolkit.traces.data import DataError, load_problems
+from rsd_toolkit.checks import InputError
 from rsd_toolkit.traces.store import TraceFile, TraceFileError, read_records
 
 
@@ -79,14 +80,15 @@ def test_trace_file_resumes_drops_a_cut_line_and_refuses_other_settings(tmp_path
     f = TraceFile(path, {"pth": 0.01})
     f.append({"id": "p1", "text": "a"})
     f.append({"id": "p2", "text": "b"})
+    f.close()
     with open(path, "a") as out:
         out.write('{"id": "p3", "te')  # killed mid-write
-    again = TraceFile(path, {"pth": 0.01})
-    assert again.done("p1") and again.done("p2") and not again.done("p3")
+    with TraceFile(path, {"pth": 0.01}) as again:
+        assert again.done("p1") and again.done("p2") and not again.done("p3")
     assert [r["id"] for r in read_records(path)] == ["p1", "p2"]
     with pytest.raises(TraceFileError, match="other settings \\(pth\\)"):
         TraceFile(path, {"pth": 0.03})
-    with pytest.raises(TraceFileError, match="cannot write"):
+    with pytest.raises(InputError, match="folder .* does not exist"):
         TraceFile(str(tmp_path / "no" / "such" / "dir.jsonl"), {"pth": 0.01})
     forced = TraceFile(path, {"pth": 0.03}, force=True)
     assert not forced.done("p1") and (tmp_path / "traces.jsonl.bak-1").exists()

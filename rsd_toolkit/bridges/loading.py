@@ -6,7 +6,9 @@ Conversions that are slow (GGUF, Tekken) are done once and cached as a plain tok
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -31,6 +33,17 @@ def _quiet_transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def quiet_progress():
+    """Library progress bars (transformers' GGUF conversion writes a raw tqdm bar) only with ``RSD_VERBOSE``:
+    the commands show their own progress."""
+    if os.environ.get("RSD_VERBOSE"):
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def _converted_dir(path: Path, kind: str) -> Path:
     """Cache folder for a converted file, keyed on its name, size and mtime."""
     st = path.stat()
@@ -39,25 +52,25 @@ def _converted_dir(path: Path, kind: str) -> Path:
 
 
 def _cached_conversion(path: Path, kind: str, convert) -> object:
-    """Load from the conversion cache, or run ``convert()`` and save its result there atomically."""
+    """Convert once into the cache, then always load from the cached folder.
+
+    A freshly converted tokenizer and the same tokenizer reloaded from its saved folder can differ (a
+    tokenizer class may add its normaliser on load: Qwen2's NFC), so the first, converting load returns the
+    reloaded one too: cold and warm caches give the identical tokenizer.
+    """
     transformers = _quiet_transformers()
-    target = _converted_dir(path, kind)
-    if (target / "tokenizer_config.json").exists():
-        return transformers.AutoTokenizer.from_pretrained(str(target))
-    tok = convert()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return tok
+    target = assets.build_once(_converted_dir(path, kind), lambda out: convert().save_pretrained(str(out)),
+                               "tokenizer_config.json")  # fmt: skip
+    return transformers.AutoTokenizer.from_pretrained(str(target))
 
 
 def _load_gguf(path: Path):
     transformers = _quiet_transformers()
-    return _cached_conversion(
-        path, "gguf", lambda: transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    )
+    def convert():
+        with quiet_progress():
+            return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+    return _cached_conversion(path, "gguf", convert)
 
 
 def _load_sentencepiece(path: Path):

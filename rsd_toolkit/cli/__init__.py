@@ -6,7 +6,7 @@ import click
 
 from .. import __version__
 from .assets import assets
-from .common import main_entry
+from .common import Commands, main_entry, set_verbosity, show_warnings
 from .compat import compat
 from .demo import demo
 from .evaluate import evaluate
@@ -15,16 +15,21 @@ from .sft import sft
 from .surprisal import compare, surprisal, sweep
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rsd")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show library progress bars and warnings (datasets, "
+              "downloads, GGUF conversion).")  # fmt: skip
+def cli(verbose: bool) -> None:
     """Reverse Speculative Decoding toolkit: student-tailored reasoning traces, across tokenizers.
 
     \b
     Example:
       rsd assets fetch --group tokenizers --group smollm2
       rsd demo
+      rsd --verbose compat asset:qwen2 asset:llama-bpe
     """
+    set_verbosity(verbose)
+    show_warnings()
 
 
 cli.add_command(assets)

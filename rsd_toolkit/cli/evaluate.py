@@ -2,37 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..config import ConfigError
 from ..evaluation import BENCHMARKS, EvalConfig
 from ..traces.answers import ANSWER_KINDS
-from .common import UserError, console, err_console
-from .options import dataclass_options, pick
+from .common import console, err_console
+from .options import dataclass_options, model_options, output_file_option, pick
 
 
 @click.command("eval")
 @click.option("--model", required=True, help="Model to evaluate: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--benchmark", "benchmarks", required=True, multiple=True,
               help=f"{', '.join(sorted(BENCHMARKS))}, or a local .jsonl/.json/.parquet/.csv file. Repeatable.")
-@click.option("--out", default=None, help="Write per-problem records and summaries to this JSON file.")
+@output_file_option("--out", default=None, help="Write per-problem records and summaries to this JSON file.")
 @click.option("--compare", "baseline", default=None, help="A results file of `rsd eval`: print the relative change against it.")
 @click.option("--split", default=None, help="Dataset split (default: the benchmark's; train for local files).")
 @click.option("--question-field", default=None, help="Question field of a local file (default: question, problem, prompt…).")
 @click.option("--answer-field", default=None, help="Answer field of a local file (default: solution, answer…).")
 @click.option("--kind", type=click.Choice(ANSWER_KINDS), default="math", show_default=True,
               help="Answer kind of a local file: math (\\boxed{} + math-verify), gsm8k (#### N), mc (option letter).")
-@click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
-@click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--device-map", default=None, help="e.g. auto: spread a large model over the visible GPUs.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
+@model_options(device_map="device-map")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries (and comparison) as JSON on stdout.")
 @dataclass_options(EvalConfig)
 def evaluate(**kw) -> None:
@@ -48,29 +44,28 @@ def evaluate(**kw) -> None:
       rsd eval --model qwen3-0.6b-rsd --benchmark aime24 --samples 8 --compare base.json
       rsd eval --model M --benchmark test.jsonl --question-field q --answer-field a --kind gsm8k
     """
-    from ..evaluation import EvalError, compare, evaluate as run, load_benchmark, read_results, resolve_benchmark
-    from ..traces.data import DataError
+    from ..evaluation import compare, evaluate as run, load_benchmark, read_results, resolve_benchmark
+    from ..traces.store import OutputLock, write_atomic
 
-    try:
-        config = EvalConfig(**pick(EvalConfig, kw))
-        benches = [resolve_benchmark(b, kw["question_field"], kw["answer_field"], kw["split"], kw["kind"])
-                   for b in kw["benchmarks"]]  # fmt: skip
-        baseline = read_results(kw["baseline"]) if kw["baseline"] else None
-        problems = {b.name: load_benchmark(b, config.limit) for b in benches}
+    config = EvalConfig(**pick(EvalConfig, kw))
+    benches = [resolve_benchmark(b, kw["question_field"], kw["answer_field"], kw["split"], kw["kind"])
+               for b in kw["benchmarks"]]  # fmt: skip
+    baseline = read_results(kw["baseline"]) if kw["baseline"] else None
+    problems = {b.name: load_benchmark(b, config.limit) for b in benches}
+    lock = OutputLock(kw["out"]) if kw["out"] else contextlib.nullcontext()
+    with lock:  # checked and held before the model loads: results are never computed for a path we cannot write
         model = _load_model(kw, config)
-    except (ConfigError, EvalError, DataError) as e:
-        raise UserError(str(e)) from None
-    results = {"model": kw["model"], "config": dataclasses.asdict(config), "benchmarks": {}}
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        for b in benches:
-            task = progress.add_task(f"{b.name} samples", total=len(problems[b.name]) * config.samples)
-            t0 = time.perf_counter()
-            result = run(model, b, problems[b.name], config, progress=lambda _t, task=task: progress.advance(task))
-            result["summary"]["seconds"] = time.perf_counter() - t0
-            results["benchmarks"][b.name] = result
-            if kw["out"]:  # after each benchmark: a crash keeps the finished ones
-                _write(kw["out"], results)
+        results = {"model": kw["model"], "config": dataclasses.asdict(config), "benchmarks": {}}
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err_console, transient=False) as progress:
+            for b in benches:
+                task = progress.add_task(f"{b.name} samples", total=len(problems[b.name]) * config.samples)
+                t0 = time.perf_counter()
+                result = run(model, b, problems[b.name], config, progress=lambda _t, task=task: progress.advance(task))
+                result["summary"]["seconds"] = time.perf_counter() - t0
+                results["benchmarks"][b.name] = result
+                if kw["out"]:  # after each benchmark: a crash keeps the finished ones
+                    write_atomic(kw["out"], json.dumps(results, indent=1, ensure_ascii=False))
     comparison = compare(results, baseline) if baseline else None
     if kw["as_json"]:
         payload = {"model": kw["model"], "summaries": {k: v["summary"] for k, v in results["benchmarks"].items()}}
@@ -98,13 +93,6 @@ def _load_model(kw: dict, config: EvalConfig):
     err_console.print(f"loading {kw['model']} on {kw['device_map'] or device}…")
     return load_lm(kw["model"], dtype=kw["dtype"], device=device, device_map=kw["device_map"],
                    trust_remote_code=kw["trust_remote_code"])  # fmt: skip
-
-
-def _write(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def _table(name: str, model: str, s: dict) -> None:

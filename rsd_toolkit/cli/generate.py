@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..config import ConfigError, GenerateOptions, RSDConfig
+from .. import checks
+from ..checks import InputWarning
+from ..config import GenerateOptions, RSDConfig
 from .common import UserError, console, err_console
-from .options import dataclass_options, pick
+from .options import dataclass_options, model_options, output_file_option, pick
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -52,19 +55,16 @@ def default_device() -> str:
 @click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file.")
-@click.option("--out", required=True, help="Output JSONL; rerunning with the same --out continues where it stopped.")
+@output_file_option("--out", required=True, help="Output JSONL; rerunning with the same --out continues where it stopped.")
 @click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")
 @click.option("--question-field", default=None, help="Question field (default: question, problem, prompt…).")
 @click.option("--answer-field", default=None, help="Reference answer field (default: solution, answer…).")
-@click.option("--limit", type=int, default=None, help="Use only the first N problems.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N problems.")
 @click.option("--shard", default=None, help="Take shard I of N (I/N); under torchrun/accelerate RANK/WORLD_SIZE decide.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
               help="parquet also writes OUT with .parquet (datasets-loadable).")
 @click.option("--force", is_flag=True, help="Start over when OUT was made with other settings (old file kept as .bak-N).")
-@click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
-@click.option("--device", default=None, help="Device for both models (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--teacher-device-map", default=None, help="e.g. auto: spread a large teacher over the visible GPUs.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
+@model_options(device_map="teacher-device-map")
 @dataclass_options(GenerateOptions, rename={"answer_patterns": "answer_pattern"})
 @dataclass_options(RSDConfig)
 def generate(**kw) -> None:
@@ -73,7 +73,9 @@ def generate(**kw) -> None:
     Each problem gets --attempts traces; the shortest one whose final answer (last \\boxed{}) is
     mathematically equal to the reference (math-verify) and passes the filters is kept; unsolved
     problems keep a --upft-tokens prefix (kind upft_prefix). One JSON line per problem, written as soon
-    as it is done: Ctrl-C or a crash loses nothing finished, and the same command continues.
+    as its last attempt is done: Ctrl-C or a crash loses nothing finished, and the same command continues.
+    Problems whose prompt plus --max-new-tokens exceed a model's context are skipped (counted, named).
+    One run writes an output at a time: a second run on the same --out is refused.
 
     \b
     Example:
@@ -83,38 +85,42 @@ def generate(**kw) -> None:
       rsd merge traces.jsonl traces.shard*-of-8.jsonl
     """
     from ..models import load_lm, load_pair
-    from ..traces.data import DataError, load_problems
-    from ..traces.pipeline import generate_traces, run_config
-    from ..traces.store import TraceFile, TraceFileError
+    from ..traces.data import load_problems
+    from ..traces.pipeline import describe_too_long, fit_context, run_config
+    from ..traces.store import OutputLock, TraceFile
 
     rsd_kwargs = pick(RSDConfig, kw)
     rsd_kwargs["stop_strings"] = tuple(rsd_kwargs.get("stop_strings", ()))
-    try:
-        config = RSDConfig(**rsd_kwargs)
-        opts = GenerateOptions(**pick(GenerateOptions, kw))
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    config = RSDConfig(**rsd_kwargs)
+    opts = GenerateOptions(**pick(GenerateOptions, kw))
     i, n = parse_shard(kw["shard"])
-    out = shard_path(kw["out"], i, n)
-    try:
-        problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
-    except DataError as e:
-        raise UserError(str(e)) from None
+    out = checks.output_file(shard_path(kw["out"], i, n), "--out")
+    problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
     problems = [p for p in problems if p.index % n == i]
-    kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
-    device = kw["device"] or default_device()
-    err_console.print(f"pair: {kind}; {len(problems)} problems (shard {i}/{n}); loading models on {device}…")
-    teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=None if kw["teacher_device_map"] else device,
-                      device_map=kw["teacher_device_map"], trust_remote_code=kw["trust_remote_code"])  # fmt: skip
-    student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
-    from ..engine import RSDEngine
+    with OutputLock(out) as lock:  # a second writer is refused before any model loads
+        kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
+        dataset = {"source": kw["dataset"], "split": kw["split"], "shard": [i, n]}  # --limit may grow between runs
+        store = TraceFile(out, run_config(kw["teacher"], kw["student"], kind, config, opts, dataset), force=kw["force"],
+                          lock=lock)  # fmt: skip
+        device = kw["device"] or default_device()
+        err_console.print(f"pair: {kind}; {len(problems)} problems (shard {i}/{n}); loading models on {device}…")
+        teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=None if kw["teacher_device_map"] else device,
+                          device_map=kw["teacher_device_map"], trust_remote_code=kw["trust_remote_code"])  # fmt: skip
+        student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
+        from ..engine import RSDEngine
 
-    engine = RSDEngine(teacher, student, config)
-    dataset = {"source": kw["dataset"], "split": kw["split"], "shard": [i, n]}  # --limit may grow between runs
-    try:
-        store = TraceFile(out, run_config(engine, opts, dataset), force=kw["force"])
-    except TraceFileError as e:
-        raise UserError(str(e)) from None
+        engine = RSDEngine(teacher, student, config)
+        problems, too_long = fit_context(engine, problems)
+        if too_long:
+            warnings.warn(describe_too_long(too_long, config.max_new_tokens), InputWarning, stacklevel=1)
+        if not problems:
+            raise UserError("no problem fits the models' context; lower --max-new-tokens")
+        _run(engine, problems, store, opts, out, kw["fmt"])
+
+
+def _run(engine, problems, store, opts: GenerateOptions, out: str, fmt: str) -> None:
+    from ..traces.pipeline import generate_traces
+
     skipped = sum(store.done(p.id) for p in problems)
     stats = {"solved": 0, "unsolved": 0, "attempts": 0, "tokens": 0, "accepted": 0, "decisions": 0, "t0": time.perf_counter()}
     columns = (TextColumn("[bold]problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -142,7 +148,7 @@ def generate(**kw) -> None:
         err_console.print(f"interrupted: {len(store.records)} problems saved in {out}; rerun the same command to continue")
         raise SystemExit(130) from None
     _summary(out, store, skipped, stats)
-    if kw["fmt"] == "parquet":
+    if fmt == "parquet":
         _write_parquet(out, list(store.records.values()))
 
 
@@ -176,36 +182,74 @@ def _write_parquet(out: str, records: list[dict]) -> None:
 @click.command()
 @click.argument("out")
 @click.argument("shards", nargs=-1, required=True)
-def merge(out: str, shards: tuple[str, ...]) -> None:
+@click.option("--partial", is_flag=True, help="Merge even when shard files of the run are missing (a warning names them).")
+@click.option("--force", is_flag=True, help="Replace an OUT that is not a merge of this run (the old file is kept as .bak-N).")
+def merge(out: str, shards: tuple[str, ...], partial: bool, force: bool) -> None:
     """Join shard files of `rsd generate` into OUT (by problem order, no duplicates).
+
+    Every shard of the run must be there (--partial to merge what there is); an existing OUT is replaced
+    only when it holds traces of the same run (--force otherwise, keeping it as .bak-N).
 
     \b
     Example:
       rsd merge traces.jsonl traces.shard*-of-8.jsonl
     """
-    from ..traces.store import TraceFileError, read_records
+    from ..traces.store import OutputLock, read_records, set_aside, write_atomic
 
-    merged: dict[str, dict] = {}
-    runs = set()
+    checks.output_file(out, "OUT")
     for path in shards:
-        if not os.path.exists(path):
-            raise UserError(f"{path}: no such file")
-        try:
-            for rec in read_records(path):
-                run = dict(rec.get("run", {}))
-                run["dataset"] = {k: v for k, v in run.get("dataset", {}).items() if k != "shard"}
-                runs.add(json.dumps(run, sort_keys=True))
-                if "id" not in rec:
-                    raise UserError(f"{path}: a record without id; is this a trace file of `rsd generate`?")
-                merged.setdefault(str(rec["id"]), rec)
-        except TraceFileError as e:
-            raise UserError(str(e)) from None
+        checks.input_file(path, "shard")
+    if os.path.exists(out) and any(os.path.samefile(path, out) for path in shards):
+        raise UserError(f"OUT {out} is also one of the shard files; write the merge to another file")
+    merged: dict[str, dict] = {}
+    runs, seen_shards, counts = set(), set(), set()
+    for path in shards:
+        for rec in read_records(path):
+            if "id" not in rec or not isinstance(rec.get("run"), dict):
+                raise UserError(f"{path}: a record without id or run settings; is this a trace file of `rsd generate`?")
+            runs.add(_run_key(rec))
+            shard = rec.get("run", {}).get("dataset", {}).get("shard")
+            if isinstance(shard, list) and len(shard) == 2:
+                seen_shards.add(shard[0])
+                counts.add(shard[1])
+            merged.setdefault(str(rec["id"]), rec)
     if len(runs) > 1:
         raise UserError("the shard files were made with different settings; merge only shards of one run")
-    records = sorted(merged.values(), key=lambda r: r.get("index", 0))
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    if len(counts) > 1:
+        raise UserError(f"the shard files come from runs with different shard counts ({sorted(counts)})")
+    missing = sorted(set(range(next(iter(counts)))) - seen_shards) if counts else []
+    if missing:
+        names = ", ".join(str(m) for m in missing[:8]) + (" …" if len(missing) > 8 else "")
+        message = f"no records from shard(s) {names} of {next(iter(counts))}"
+        if not partial:
+            raise UserError(f"{message}; pass every shard file, or --partial to merge what there is")
+        warnings.warn(f"{message}: the merge is partial", InputWarning, stacklevel=1)
+    with OutputLock(out, "OUT"):
+        if os.path.exists(out) and os.path.getsize(out):
+            if not _same_run(out, runs) and not force:
+                raise UserError(f"OUT {out} exists and is not a merge of this run; choose another OUT, or --force to "
+                                "replace it (the old file is kept as .bak-N)")  # fmt: skip
+            if not _same_run(out, runs):
+                err_console.print(f"kept the old {out} as {set_aside(out)}")
+        records = sorted(merged.values(), key=lambda r: r.get("index", 0))
+        write_atomic(out, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     console.print(f"merged {len(records)} problems from {len(shards)} files into {out}")
+
+
+def _run_key(rec: dict) -> str:
+    """A record's run settings without its shard: what the shards of one run share."""
+    run = dict(rec.get("run", {}))
+    run["dataset"] = {k: v for k, v in run.get("dataset", {}).items() if k != "shard"}
+    return json.dumps(run, sort_keys=True)
+
+
+def _same_run(path: str, runs: set[str]) -> bool:
+    """Whether an existing file is trace records of the same run (so replacing it loses nothing)."""
+    from ..checks import InputError
+    from ..traces.store import read_records
+
+    try:
+        records = read_records(path)
+    except InputError:
+        return False
+    return bool(records) and all(isinstance(r, dict) and _run_key(r) in runs for r in records)

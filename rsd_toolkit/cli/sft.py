@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import click
 from rich.table import Table
 
-from ..config import ConfigError
+from .. import checks
 from ..sft import SFTConfig
-from .common import UserError, console, err_console
+from .common import console, err_console
 from .options import dataclass_options, pick
 
 
 @click.command()
 @click.option("--student", required=True, help="Student model to fine-tune: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--traces", required=True, help="Trace file of `rsd generate` (JSONL), made for this student's tokenizer.")
-@click.option("--out", required=True, help="Output folder: checkpoints, then the model, tokenizer and rsd_sft_config.json.")
+@click.option("--out", required=True, callback=lambda ctx, p, v: checks.output_folder(v, "--out"),
+              help="Output folder: checkpoints, then the model, tokenizer and rsd_sft_config.json.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @dataclass_options(SFTConfig)
@@ -36,17 +38,16 @@ def sft(**kw) -> None:
           --traces traces.jsonl --out qwen3-0.6b-rsd --gradient-checkpointing
       torchrun --nproc_per_node 8 -m rsd_toolkit.cli sft ...   # same, with torchrun
     """
-    from ..sft import SFTError, train
+    from ..sft import read_traces, train
+    from ..traces.store import OutputLock
 
+    config = SFTConfig(**pick(SFTConfig, kw))
+    read_traces(kw["traces"])  # a bad trace file fails before the student loads
+    lock = OutputLock(kw["out"].rstrip("/\\")) if _main_process() else contextlib.nullcontext()
     try:
-        config = SFTConfig(**pick(SFTConfig, kw))
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-    try:
-        summary = train(kw["student"], kw["traces"], kw["out"], config, trust_remote_code=kw["trust_remote_code"],
-                        info=_info)  # fmt: skip
-    except SFTError as e:
-        raise UserError(str(e)) from None
+        with lock:
+            summary = train(kw["student"], kw["traces"], kw["out"], config, trust_remote_code=kw["trust_remote_code"],
+                            info=_info)  # fmt: skip
     except KeyboardInterrupt:
         err_console.print(f"interrupted: rerun the same command to resume from the last checkpoint in {kw['out']}")
         raise SystemExit(130) from None

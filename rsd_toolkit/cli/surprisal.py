@@ -6,16 +6,19 @@ from __future__ import annotations
 import gc
 import json
 import math
+import warnings
+from collections import Counter
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..config import ConfigError, RSDConfig
+from ..checks import InputWarning
+from ..config import RSDConfig
 from .common import UserError, console, err_console
 from .generate import default_device
-from .options import dataclass_options, pick
+from .options import FLOAT, dataclass_options, model_options, pick
 
 # (lowest p_s of the bucket, style, legend): how the colour view paints each token
 COLOURS = ((0.5, "green", "p ≥ 0.5"), (0.1, "default", "0.1–0.5"), (None, "yellow", "pth–0.1"), (0.0, "bold white on red", "< pth"))
@@ -26,16 +29,10 @@ def _check_pth(pth: float, flag: str = "--pth") -> None:
         raise UserError(f"{flag} must be in (0, 1]; got {pth}")
 
 
-def model_options(fn):
+def scoring_options(fn):
     """Options every scoring command shares."""
-    for opt in reversed([
-        click.option("--batch-size", type=int, default=16, show_default=True, help="Traces scored together."),
-        click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32."),
-        click.option("--device", default=None, help="Device (default: cuda if available, else cpu)."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow custom model/tokenizer code from hub or folders."),
-    ]):  # fmt: skip
-        fn = opt(fn)
-    return fn
+    fn = model_options()(fn)
+    return click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Traces scored together.")(fn)
 
 
 def data_options(fn):
@@ -43,7 +40,7 @@ def data_options(fn):
         click.option("--text-field", default=None, help="Field holding the trace text (default: text, completion, response, output…)."),
         click.option("--prompt-field", default=None, help="Field holding the prompt (default: question, problem, prompt…; '' for none)."),
         click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets)."),
-        click.option("--limit", type=int, default=None, help="Score only the first N traces of each set."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N traces of each set."),
         click.option("--chat-template/--no-chat-template", default=True, show_default=True,
                      help="Wrap prompts in the student's chat template (as generation and SFT do)."),
     ]):  # fmt: skip
@@ -52,21 +49,9 @@ def data_options(fn):
 
 
 def _load_items(source: str, kw: dict):
-    import os
-
     from ..surprisal import load_items
-    from ..traces.data import DataError
 
-    if not os.path.exists(source) and source.endswith((".jsonl", ".json", ".parquet", ".csv")):
-        raise UserError(f"{source}: no such file")
-    try:
-        items = load_items(source, kw["text_field"], kw["prompt_field"], kw["split"], kw["limit"])
-    except DataError as e:
-        raise UserError(str(e)) from None
-    if batch := kw.get("batch_size"):
-        if batch < 1:
-            raise UserError(f"--batch-size must be >= 1; got {batch}")
-    return items
+    return load_items(source, kw["text_field"], kw["prompt_field"], kw["split"], kw["limit"])
 
 
 def _load_student(spec: str, kw: dict):
@@ -88,7 +73,13 @@ def _score(lm, items, kw: dict, what: str):
             done["tokens"] += tokens
             progress.update(task, advance=seqs, info=f"{done['tokens']} tokens")
 
-        return score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"], progress=tick)
+        skipped = Counter()
+        scored = score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"], progress=tick,
+                             skipped=skipped)  # fmt: skip
+    if skipped["too_long"]:
+        warnings.warn(f"{what}: {skipped['too_long']} trace(s) longer than the context of {lm.name} "
+                      f"({lm.context_length} tokens with the prompt) were skipped", InputWarning, stacklevel=1)  # fmt: skip
+    return scored, skipped
 
 
 def _fmt(x, spec: str) -> str:
@@ -103,14 +94,14 @@ def _fmt(x, spec: str) -> str:
 @click.command()
 @click.argument("traces")
 @click.option("--student", required=True, help="Student model scoring the traces: hub id, folder, .gguf or asset:smollm2.")
-@click.option("--pth", type=float, default=0.01, show_default=True, help="Threshold of the sub-pth ratio (p_s < pth).")
-@click.option("--top", type=int, default=10, show_default=True, help="How many of the most surprising tokens to list.")
-@click.option("--show", type=int, default=0, help="Print N traces with every token coloured by its surprisal.")
+@click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio (p_s < pth).")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many of the most surprising tokens to list.")
+@click.option("--show", type=click.IntRange(min=0), default=0, help="Print N traces with every token coloured by its surprisal.")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write a PNG histogram of surprisal (needs matplotlib: pip install 'rsd-toolkit[plot]').")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
 @data_options
-@model_options
+@scoring_options
 def surprisal(traces: str, **kw) -> None:
     """Score a trace set under a student: how surprising is each token (-ln p_s)?
 
@@ -128,14 +119,12 @@ def surprisal(traces: str, **kw) -> None:
     from ..surprisal import report
 
     _check_pth(kw["pth"])
-    if kw["top"] < 0 or kw["show"] < 0:
-        raise UserError("--top and --show must be >= 0")
     if kw["plot"]:
         _check_plot_path(kw["plot"])
     items = _load_items(traces, kw)
     lm = _load_student(kw["student"], kw)
-    scored = _score(lm, items, kw, "scoring")
-    rep = report(lm, scored, kw["pth"], traces, top=kw["top"], skipped=len(items) - len(scored))
+    scored, skipped = _score(lm, items, kw, "scoring")
+    rep = report(lm, scored, kw["pth"], traces, top=kw["top"], skipped=skipped)
     if kw["plot"]:
         _plot(scored, kw["pth"], kw["plot"], f"{traces} under {lm.name}")
     if kw["as_json"]:
@@ -166,6 +155,8 @@ def _render_report(rep: dict) -> None:
     console.print(table)
     if rep["skipped_empty"]:
         console.print(f"[dim]{rep['skipped_empty']} empty traces skipped[/]")
+    if rep["skipped_too_long"]:
+        console.print(f"[dim]{rep['skipped_too_long']} traces longer than the student's context skipped[/]")
     hist = Table(title="student probability of each trace token", show_edge=False)
     hist.add_column("p_s", justify="right")
     hist.add_column("surprisal (nats)", justify="right")
@@ -273,10 +264,10 @@ def _plot(scored, pth: float, path: str, title: str) -> None:
 @click.option("--student", "students", multiple=True, required=True,
               help="Student(s) scoring every set; repeat for the cross-model transfer view.")
 @click.option("--label", "labels", multiple=True, help="Row labels for the trace sets, in order (default: file names without extension).")
-@click.option("--pth", type=float, default=0.01, show_default=True, help="Threshold of the sub-pth ratio.")
+@click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
 @data_options
-@model_options
+@scoring_options
 def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[str, ...], **kw) -> None:
     """Compare trace sets under one or more students: the form of the paper's Tables 1-2.
 
@@ -302,7 +293,7 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     for spec in students:
         lm = _load_student(spec, kw)
         for name, items in sets:
-            stats = summarize(_score(lm, items, kw, f"{name} under {spec}"), kw["pth"])
+            stats = summarize(_score(lm, items, kw, f"{name} under {spec}")[0], kw["pth"])
             rows.append({"set": name, "student": spec, **{k: v for k, v in stats.items() if k != "percentiles"}})
         del lm
         gc.collect()
@@ -339,16 +330,16 @@ def _parse_pths(text: str) -> list[float]:
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file of problems.")
 @click.option("--pths", default="0.1,0.03,0.01,0.003", show_default=True, help="Thresholds to generate with.")
-@click.option("--limit", type=int, default=16, show_default=True, help="Problems to use (the first N).")
-@click.option("--attempts", type=int, default=1, show_default=True, help="Traces per problem at each setting.")
-@click.option("--report-pth", type=float, default=0.01, show_default=True, help="Threshold of the reported sub-pth ratio.")
+@click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="Problems to use (the first N).")
+@click.option("--attempts", type=click.IntRange(min=1), default=1, show_default=True, help="Traces per problem at each setting.")
+@click.option("--report-pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the reported sub-pth ratio.")
 @click.option("--teacher-baseline/--no-teacher-baseline", default=True, show_default=True,
               help="Also generate teacher-only traces (direct distillation) as the first row.")
 @click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")
 @click.option("--question-field", default=None, help="Question field (default: question, problem, prompt…).")
 @click.option("--answer-field", default=None, help="Reference answer field (default: solution, answer…).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
-@model_options
+@scoring_options
 @dataclass_options(RSDConfig, exclude=("mode", "pth", "allow_extreme_pth"))
 def sweep(**kw) -> None:
     """Generate with several thresholds and tabulate acceptance, sub-pth ratio, perplexity, accuracy.
@@ -363,19 +354,14 @@ def sweep(**kw) -> None:
     """
     from ..models import load_lm, load_pair
     from ..surprisal import sweep as run_sweep
-    from ..traces.data import DataError, load_problems
+    from ..traces.data import load_problems
 
     pths = _parse_pths(kw["pths"])
     _check_pth(kw["report_pth"], "--report-pth")
-    if kw["attempts"] < 1 or kw["batch_size"] < 1:
-        raise UserError("--attempts and --batch-size must be >= 1")
     rsd_kwargs = pick(RSDConfig, kw)
     rsd_kwargs["stop_strings"] = tuple(rsd_kwargs.get("stop_strings", ()))
-    try:
-        config = RSDConfig(**rsd_kwargs)
-        problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
-    except (ConfigError, DataError) as e:
-        raise UserError(str(e)) from None
+    config = RSDConfig(**rsd_kwargs)
+    problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
     kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
     device = kw["device"] or default_device()
     err_console.print(f"pair: {kind}; {len(problems)} problems x {kw['attempts']} attempts; loading models on {device}…")

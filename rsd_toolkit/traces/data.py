@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
+from ..checks import InputError, InputWarning, text_lines
 from .answers import last_boxed
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "input")
 ANSWER_FIELDS = ("solution", "answer", "final_answer", "target", "output")  # s1K-1.1 first, then common schemas
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The dataset cannot be used as given; the message names the file, line or field."""
 
 
@@ -24,30 +26,47 @@ class Problem:
     answer: str  # reference final answer (a solution's last \boxed{} when it has one)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+    """The objects of a JSONL file; a last line cut off mid-write (no newline, not JSON) is skipped with an
+    InputWarning, any other bad line is a DataError naming it."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for n, line, complete in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not complete:
+                warnings.warn(f"{path} line {n}: the last line is cut off (a run still writing, or killed "
+                              "mid-write); it is ignored", InputWarning, stacklevel=2)  # fmt: skip
+                break
+            raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
+
+
+def as_text(value, where: str) -> str:
+    """A field that must hold text: numbers become text, anything else (lists, objects, null) is a DataError."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    what = "empty (null)" if value is None else f"a {type(value).__name__}"
+    raise DataError(f"{where} is {what}, expected text")
 
 
 def load_rows(source: str, split: str = "train", name: str | None = None) -> list[dict]:
     """Rows of a local file (by extension) or of a hub dataset (``name``: its config, e.g. gsm8k's "main")."""
     if not os.path.exists(source) and os.path.splitext(source)[1].lower() in (".jsonl", ".json", ".parquet", ".csv"):
         raise DataError(f"{source}: no such file")
+    if os.path.isdir(source):
+        raise DataError(f"{source}: is a folder; pass a .jsonl/.json/.parquet/.csv file or a hub dataset name")
     if os.path.exists(source):
         ext = os.path.splitext(source)[1].lower()
         if ext == ".jsonl":
-            return _read_jsonl(source)
+            return read_jsonl(source)
         builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
         if builder is None:
             raise DataError(f"{source}: unknown file type {ext!r}; use .jsonl, .json, .parquet or .csv")
@@ -104,9 +123,10 @@ def load_problems(
     for i, row in enumerate(rows):
         if row.get(q) in (None, "") or row.get(a) in (None, ""):
             raise DataError(f"{source}: row {i + 1} has an empty {q!r} or {a!r}")
-        answer = str(row[a])
+        question = as_text(row[q], f"{source}: row {i + 1}, field {q!r},")
+        answer = as_text(row[a], f"{source}: row {i + 1}, field {a!r},")
         pid = str(row["id"]) if row.get("id") not in (None, "") else str(i)
-        problems.append(Problem(i, pid, str(row[q]), last_boxed(answer) or answer.strip()))
+        problems.append(Problem(i, pid, question, last_boxed(answer) or answer.strip()))
     seen: dict[str, int] = {}
     for p in problems:
         if p.id in seen:

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import asdict
 
-from ..config import GenerateOptions
+from ..config import GenerateOptions, RSDConfig
 from ..engine import RSDEngine, Trace
 from .answers import answers_match, extract_answer
 from .data import Problem
@@ -73,31 +73,80 @@ def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: Gener
     return record
 
 
-def run_config(engine: RSDEngine, opts: GenerateOptions, dataset: dict) -> dict:
-    """What a trace file's records must agree on to be continued."""
+def run_config(teacher: str, student: str, bridge: str, config: RSDConfig, opts: GenerateOptions, dataset: dict) -> dict:
+    """What a trace file's records must agree on to be continued (known before any model loads)."""
     keep = {k: v for k, v in asdict(opts).items() if k != "batch_size"}
     keep["answer_patterns"] = list(opts.answer_patterns)
-    return {"teacher": engine.teacher.name, "student": engine.student.name, "bridge": engine.kind,
-            "rsd": engine.config.to_dict(), "generate": keep, "dataset": dataset}  # fmt: skip
+    return {"teacher": teacher, "student": student, "bridge": bridge, "rsd": config.to_dict(), "generate": keep,
+            "dataset": dataset}  # fmt: skip
+
+
+def context_overflow(lms: list, prompt: str, config: RSDConfig) -> tuple[str, int] | None:
+    """``(model name, tokens over)`` for the model whose context ``prompt`` plus ``max_new_tokens`` overflows
+    most, or None when it fits every model (a model without a stated context always fits)."""
+    over = [(lm.name, len(lm.prompt(prompt, config)[1]) + config.max_new_tokens - lm.context_length)
+            for lm in lms if lm.context_length is not None]  # fmt: skip
+    worst = max(over, key=lambda x: x[1], default=None)
+    return worst if worst is not None and worst[1] > 0 else None
+
+
+def fit_context(engine: RSDEngine, problems: list[Problem]) -> tuple[list[Problem], list[tuple[Problem, str, int]]]:
+    """Split problems into those whose prompt plus ``max_new_tokens`` fits every running model's context and
+    those that do not: ``(fitting, [(problem, model name, tokens over), …])``.
+
+    Positions past a model's trained range decode garbage (and a huge prompt sits in prefill for minutes),
+    so such problems are skipped, not run. Across tokenizers the budget is counted in student tokens for
+    both models, an approximation for the teacher.
+    """
+    lms = [lm for lm, runs in ((engine.teacher, engine.run_teacher), (engine.student, engine.run_student)) if runs]
+    fitting, skipped = [], []
+    for problem in problems:
+        over = context_overflow(lms, problem.question, engine.config)
+        if over is None:
+            fitting.append(problem)
+        else:
+            skipped.append((problem, *over))
+    return fitting, skipped
+
+
+def describe_too_long(skipped: list[tuple[Problem, str, int]], budget: int) -> str:
+    """One line: how many problems were skipped and by how much the first ones overflow."""
+    first = ", ".join(f"{p.id} by {over} tokens ({name})" for p, name, over in skipped[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"{len(skipped)} problem(s) skipped: prompt + --max-new-tokens {budget} exceeds the model's context "
+            f"({first}{more}); lower --max-new-tokens or shorten them")  # fmt: skip
 
 
 def generate_traces(engine: RSDEngine, problems: list[Problem], store: TraceFile, opts: GenerateOptions,
                     on_problem=None, on_trace=None) -> list[dict]:  # fmt: skip
-    """Generate, judge and store every problem not yet in ``store``; returns the new records."""
+    """Generate, judge and store every problem not yet in ``store``; returns the new records.
+
+    A problem's record is written as soon as its last attempt finishes (not at the end of a batch), so a
+    kill loses only problems still being decoded.
+    """
     todo = [p for p in problems if not store.done(p.id)]
     # Several batches' worth of rows per call: the engine refills finished rows instead of draining the
-    # batch down to one problem's longest attempt. An interrupt loses at most this chunk.
+    # batch down to one problem's longest attempt; finished traces are dropped after each call.
     per_call = max(1, math.ceil(4 * opts.batch_size / opts.attempts))
     written = []
     for start in range(0, len(todo), per_call):
         chunk = todo[start : start + per_call]
         prompts = [p.question for p in chunk for _ in range(opts.attempts)]
         seeds = [attempt_seed(p.id, k) for p in chunk for k in range(opts.attempts)]
-        traces = engine.generate(prompts, seeds=seeds, batch_size=opts.batch_size, progress=on_trace)
-        for i, problem in enumerate(chunk):
-            record = choose(problem, traces[i * opts.attempts : (i + 1) * opts.attempts], engine, opts)
-            store.append(record)
-            written.append(record)
-            if on_problem is not None:
-                on_problem(record)
+        finished: dict[int, list[Trace]] = {}
+
+        def trace_done(trace: Trace, chunk=chunk, finished=finished) -> None:
+            if on_trace is not None:
+                on_trace(trace)
+            i = trace.index // opts.attempts
+            finished.setdefault(i, []).append(trace)
+            if len(finished[i]) == opts.attempts:
+                traces = sorted(finished.pop(i), key=lambda t: t.index)
+                record = choose(chunk[i], traces, engine, opts)
+                store.append(record)
+                written.append(record)
+                if on_problem is not None:
+                    on_problem(record)
+
+        engine.generate(prompts, seeds=seeds, batch_size=opts.batch_size, progress=trace_done)
     return written

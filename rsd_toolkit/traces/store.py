@@ -7,36 +7,100 @@ different configuration is refused unless forced (the old file is then kept as `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import tempfile
+import time
+
+from ..checks import InputError, output_file, text_lines
+from .data import read_jsonl
 
 
-class TraceFileError(ValueError):
+class TraceFileError(InputError):
     """The output file cannot be continued as asked (message says why and what to pass)."""
 
 
+class OutputLock:
+    """An exclusive lock on an output path, so two runs never write the same file.
+
+    ``flock`` on ``PATH.lock``; the kernel releases it when the holder dies (even by SIGKILL), so a lock
+    file left by a killed run does not block the resume. The file names the holder (pid, host) for the
+    message the second writer sees.
+    """
+
+    def __init__(self, path: str, what: str = "--out"):
+        self.path = path + ".lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise TraceFileError(
+                    f"{what} {path} is being written by {holder}; wait for that run to finish or stop it "
+                    "(its finished work is kept), or choose another output"
+                ) from None
+            try:  # the previous holder may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class TraceFile:
-    def __init__(self, path: str, run_config: dict, force: bool = False):
+    """Use as a context manager: the output stays locked against other writers until it is closed."""
+
+    def __init__(self, path: str, run_config: dict, force: bool = False, lock: OutputLock | None = None):
         self.path = path
         self.run_config = run_config
         self.records: dict[str, dict] = {}
-        if os.path.exists(path):
-            self._load(force)
-        try:  # fail now, not after the first problem: missing folder, read-only file…
-            with open(path, "ab"):
+        output_file(path, "--out")
+        self.lock = lock or OutputLock(path)
+        try:
+            if os.path.exists(path):
+                self._load(force)
+            with open(path, "ab"):  # fail now, not after the first problem
                 pass
-        except OSError as e:
-            raise TraceFileError(f"{path}: cannot write ({e.strerror})") from None
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "TraceFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _load(self, force: bool) -> None:
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
-        try:
-            lines = data[:end].decode("utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise TraceFileError(f"{self.path} is not UTF-8 JSONL; is this a trace file of `rsd generate`?") from None
-        for n, line in enumerate(lines, 1):
+        for n, line, _ in text_lines(self.path, data[:end]):
             if not line.strip():
                 continue
             try:
@@ -61,10 +125,7 @@ class TraceFile:
                 f.truncate(end)
 
     def _set_aside(self) -> None:
-        n = 1
-        while os.path.exists(f"{self.path}.bak-{n}"):
-            n += 1
-        os.replace(self.path, f"{self.path}.bak-{n}")
+        set_aside(self.path)
         self.records = {}
 
     def done(self, problem_id: str) -> bool:
@@ -72,7 +133,7 @@ class TraceFile:
 
     def append(self, record: dict) -> None:
         record = {**record, "run": self.run_config}
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -82,15 +143,32 @@ class TraceFile:
         self.records[str(record["id"])] = record
 
 
+def set_aside(path: str) -> str:
+    """Move ``path`` to the first free ``path.bak-N``; returns the new name."""
+    n = 1
+    while os.path.exists(f"{path}.bak-{n}"):
+        n += 1
+    os.replace(path, f"{path}.bak-{n}")
+    return f"{path}.bak-{n}"
+
+
 def read_records(path: str) -> list[dict]:
-    """All complete records of a trace file (a cut-off last line is ignored)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.endswith("\n") or not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TraceFileError(f"{path} line {n} is not JSON") from None
-    return out
+    """All complete records of a trace file (a cut-off last line is ignored, with a warning)."""
+    return read_jsonl(path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a temporary file beside it, then a rename (no stray
+    temporary left behind, whatever fails)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
