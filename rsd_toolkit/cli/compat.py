@@ -114,4 +114,4 @@ def render(r) -> None:
         for w in f.warnings:
             console.print(f"[yellow]warning ({side}):[/] {w}", highlight=False)
     style = _VERDICT_STYLE[r.verdict]
-    console.print(Panel(f"[bold {style}]{r.verdict}[/]\n{r.meaning}", title="Verdict", expand=False))
+    console.print(Panel(f"[bold {style}]{r.verdict}[/]\n{r.meaning}", title="Verdict", expand=False), soft_wrap=False)  # wrap inside the box
