@@ -103,3 +103,34 @@ def test_extend_never_writes_into_logits_a_caller_holds():
     ctx.extend([[9], [], []])
     ctx.restore(saved, before)
     torch.testing.assert_close(held, before)
+
+
+def test_appends_write_in_place_and_capacity_doubles():
+    """The preallocated store: a decode step writes into the next columns of the same buffer (no copy of
+    the cache), and a full buffer doubles, so a long trace costs amortised O(1) copying per token."""
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    ctx = BatchedContext(lm.model, 2)
+    ctx.extend([[1, 2, 3], [4, 5]])
+    layer = ctx.cache.layers[0]
+    capacity, pointer = layer.k_buf.shape[2], layer.k_buf.data_ptr()
+    grows = []
+    for step in range(3 * capacity):
+        ctx.extend([[7], [8]])
+        if layer.k_buf.data_ptr() != pointer:
+            grows.append((step, layer.k_buf.shape[2]))
+            pointer = layer.k_buf.data_ptr()
+        assert layer.keys.shape[2] == layer.length == ctx.valid.shape[1]
+    assert grows and all(new >= 2 * old for (_, new), old in zip(grows, [capacity] + [c for _, c in grows]))
+    assert len(grows) <= 2  # 3x the first capacity: two doublings, not one copy per step
+    assert torch.allclose(ctx.last_logits[0], plain_last_logits(lm.model, [1, 2, 3] + [7] * 3 * capacity), atol=1e-4)
+
+
+def test_sliding_window_models_are_refused_before_any_forward():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rsd_toolkit.engine import UnsupportedModel
+
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    with pytest.raises(UnsupportedModel, match="sliding"):
+        BatchedContext(MistralForCausalLM(config), 1)

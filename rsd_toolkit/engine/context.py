@@ -14,9 +14,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import DynamicCache
 
-from ..models import UnsupportedModel
+from ..models import UnsupportedModel  # noqa: F401 - re-exported by rsd_toolkit.engine
+from .kv import SlotCache
 
 
 PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the attention-mask size)
@@ -32,7 +32,7 @@ class BatchedContext:
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.cache = DynamicCache(config=model.config)
+        self.cache = SlotCache.for_model(model.config)  # preallocated: appends write in place
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.slots: list[list[int]] = [[] for _ in range(batch_size)]
         self.last_logits: torch.Tensor | None = None  # [B, V]: logits predicting each row's next token
@@ -166,40 +166,17 @@ class BatchedContext:
             logits_to_keep=keep,
             **{self._cache_kw: cache},
         )
-        self._check_cache_layout(cache)
         return out.logits, key_valid
 
-    def _gather(self, index: torch.Tensor) -> DynamicCache:
+    def _gather(self, index: torch.Tensor) -> SlotCache:
         """A cache holding copies of some rows (for a sub-batch forward)."""
-        sub = DynamicCache(config=self.model.config)
-        for src, dst in zip(self.cache.layers, sub.layers):
-            dst.lazy_initialization(src.keys, src.values)
-            dst.keys = src.keys.index_select(0, index.to(src.keys.device))
-            dst.values = src.values.index_select(0, index.to(src.values.device))
-        return sub
+        return self.cache.rows(index)
 
-    def _scatter(self, index: torch.Tensor, sub: DynamicCache, n: int) -> None:
+    def _scatter(self, index: torch.Tensor, sub: SlotCache, n: int) -> None:
         """Write a sub-batch's rows back; every other row gets ``n`` hole columns."""
-        for full, part in zip(self.cache.layers, sub.layers):
-            for name in ("keys", "values"):
-                t = getattr(full, name)
-                grown = torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], dim=2)
-                grown.index_copy_(0, index.to(t.device), getattr(part, name))
-                setattr(full, name, grown)
+        self.cache.put_rows(index, sub, n)
 
     # -- housekeeping -----------------------------------------------------------------------------
-    def _layers(self):
-        return self.cache.layers
-
-    def _check_cache_layout(self, cache) -> None:
-        for layer in cache.layers:
-            keys = getattr(layer, "keys", None)
-            if getattr(layer, "is_sliding", False) or keys is None or keys.dim() != 4:
-                raise UnsupportedModel(
-                    f"{type(self.model).__name__} uses a {type(layer).__name__} cache; the engine needs a plain "
-                    "per-layer key/value cache to roll rows back (sliding-window and recurrent layers are not supported)"
-                )
-
     def maybe_compact(self) -> None:
         """Compact when the cache is over 1.25x the longest row + 64 slots (never between checkpoint and restore)."""
         longest = max(self.lengths(), default=0)
@@ -218,22 +195,14 @@ class BatchedContext:
                 index[b, longest - len(slots) :] = torch.tensor(slots)
                 valid[b, longest - len(slots) :] = True
             self.slots[b] = list(range(longest - len(slots), longest))
-        for layer in self._layers():
-            if layer.keys is None or layer.keys.numel() == 0:
-                continue
-            idx = index.to(layer.keys.device)[:, None, :, None]
-            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-            layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+        self.cache.gather_columns(index)
         self.valid = valid.to(self.device)
 
     @torch.inference_mode()
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order): finished sequences leave the batch."""
         index = torch.tensor(rows, dtype=torch.long)
-        for layer in self._layers():
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
-                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        self.cache.select_rows(index)
         self.valid = self.valid[index.to(self.device)]
         self.slots = [self.slots[r] for r in rows]
         if self.last_logits is not None:
@@ -244,19 +213,10 @@ class BatchedContext:
         """Append ``other``'s rows (same model) after ours: how new prompts join a running batch."""
         a, b = self.valid.shape[1], other.valid.shape[1]
         width = max(a, b)
-        for mine, theirs in zip(self._layers(), other._layers()):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        self.cache.concat_rows(other.cache, width)
         pad = lambda v, w: torch.cat([torch.zeros(v.shape[0], w - v.shape[1], dtype=v.dtype, device=v.device), v], 1)  # noqa: E731
         self.valid = torch.cat([pad(self.valid, width), pad(other.valid.to(self.device), width)], dim=0)
         self.slots = [[s + width - a for s in row] for row in self.slots] + [
             [s + width - b for s in row] for row in other.slots
         ]
         self.last_logits = torch.cat([self.last_logits, other.last_logits.to(self.last_logits.device)], dim=0)
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[2] == width:
-        return t
-    pad = torch.zeros(*t.shape[:2], width - t.shape[2], t.shape[3], dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=2)
