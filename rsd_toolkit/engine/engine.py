@@ -16,52 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass, field
-
 import torch
 
-from ..bridges import STUDENT, TEACHER, Pair, Step, Update, make_bridge
+from ..bridges import STUDENT, TEACHER, Update, make_bridge
 from ..config import RSDConfig
 from ..models import LM
 from . import sampling
 from .context import BatchedContext
 from .sampling import fit_vocab
-from .trace import TokenRecord, Trace
+from .trace import Candidate, Row, TokenRecord, Trace
 
 log = logging.getLogger("rsd_toolkit.engine")
 STRICT_DRAWS = sampling.UNIFORMS_PER_DRAW  # strict fallback choices tried per step (one uniform each)
-
-
-@dataclass(eq=False)
-class _Candidate:
-    """A token one side offers for one row, pushed on a trial copy of the row's pair."""
-
-    pair: Pair  # the row's pair after the push
-    step: Step  # how both sides' ids change
-    source: str  # TEACHER (a proposal) or STUDENT (its own token)
-    token: int
-    p_s: list[float] | None = None  # acceptance probability of each appended student token, set when scored
-    in_cache: bool = False  # scored by a probe forward whose cache entries stay
-
-
-@dataclass(eq=False)
-class _Row:
-    """One sequence being generated."""
-
-    index: int
-    rng: torch.Generator
-    pair: Pair
-    ids: dict[str, list[int]]  # side -> prompt + generated ids (what that model's context holds)
-    prompt_len: dict[str, int]
-    prompts: dict[str, str]
-    pending: dict[str, Update | None] = field(default_factory=lambda: {TEACHER: None, STUDENT: None})
-    records: list[TokenRecord] = field(default_factory=list)
-    accepted: int = 0
-    decisions: int = 0
-    finish: str | None = None
-
-    def generated(self) -> list[int]:
-        return self.ids[STUDENT][self.prompt_len[STUDENT] :]
 
 
 class RSDEngine:
@@ -136,7 +102,7 @@ class RSDEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self, prompts, seeds, todo: deque, results, batch_size: int, progress) -> None:
-        rows: list[_Row] = []
+        rows: list[Row] = []
         ctx: dict[str, BatchedContext | None] = {TEACHER: None, STUDENT: None}
         while todo or rows:
             if todo and len(rows) <= batch_size * 3 // 4:
@@ -146,7 +112,7 @@ class RSDEngine:
             done = [b for b, r in enumerate(rows) if r.finish]
             if done:
                 for b in done:
-                    results[rows[b].index] = self._trace(rows[b])
+                    results[rows[b].index] = rows[b].trace(self.student, self.config.pth, with_teacher_prompt=self.run_teacher)
                 keep = [b for b, r in enumerate(rows) if not r.finish]
                 self._count_positions(ctx)
                 for c in ctx.values():
@@ -165,11 +131,11 @@ class RSDEngine:
                     self.stats[f"{side}_{k}_positions"] += v
                     c.positions[k] = 0
 
-    def _new_row(self, index: int, prompt, seed: int) -> _Row:
+    def _new_row(self, index: int, prompt, seed: int) -> Row:
         rng = torch.Generator().manual_seed((self.config.seed * 0x9E3779B1 + int(seed) * 0x85EBCA77) % (2**63))
         t_text, t_ids = self.teacher.prompt(prompt, self.config)
         s_text, s_ids = self.student.prompt(prompt, self.config)
-        return _Row(
+        return Row(
             index=index,
             rng=rng,
             pair=self.bridge.pair(),
@@ -178,7 +144,7 @@ class RSDEngine:
             prompts={TEACHER: t_text, STUDENT: s_text},
         )
 
-    def _join(self, ctx: dict, rows: list[_Row], new: list[_Row]) -> None:
+    def _join(self, ctx: dict, rows: list[Row], new: list[Row]) -> None:
         """Prefill new rows' prompts and add them to the running batch."""
         for side, lm, active in ((TEACHER, self.teacher, self.run_teacher), (STUDENT, self.student, self.run_student)):
             if not active:
@@ -193,7 +159,7 @@ class RSDEngine:
                 ctx[side].merge(fresh)
         rows.extend(new)
 
-    def _step(self, rows: list[_Row], ctx: dict) -> None:
+    def _step(self, rows: list[Row], ctx: dict) -> None:
         """One token decision for every row: catch the models up, decide, commit."""
         cfg = self.config
         for side, active in ((TEACHER, self.run_teacher), (STUDENT, self.run_student)):
@@ -216,7 +182,7 @@ class RSDEngine:
             self._score(rows, ctx[STUDENT], s_logits, {b: c for b, c in decided.items() if c.p_s is None}, judge=False)
         self._commit(rows, decided, t_logits)
 
-    def _rsd(self, rows: list[_Row], s_ctx: BatchedContext, t_logits, s_logits, u) -> dict[int, _Candidate]:
+    def _rsd(self, rows: list[Row], s_ctx: BatchedContext, t_logits, s_logits, u) -> dict[int, Candidate]:
         """RSD for every row (the paper's algorithm, batched):
 
         propose   the teacher samples candidates                       cands [B, teacher_draws]
@@ -230,7 +196,7 @@ class RSDEngine:
         open_rows = [b for b, r in enumerate(rows) if r.pair.may_push(TEACHER)]  # a student mid-character goes on
         for b in open_rows:
             rows[b].decisions += 1
-        decided: dict[int, _Candidate] = {}
+        decided: dict[int, Candidate] = {}
         for j in range(cfg.teacher_draws):
             trials = {b: self._trial(rows[b], TEACHER, cands[b][j]) for b in open_rows}
             judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
@@ -245,7 +211,7 @@ class RSDEngine:
         decided.update(self._fall_back(rows, s_ctx, s_logits, u[:, split:], rest))
         return decided
 
-    def _fall_back(self, rows: list[_Row], s_ctx, s_logits, u, rest: list[int]) -> dict[int, _Candidate]:
+    def _fall_back(self, rows: list[Row], s_ctx, s_logits, u, rest: list[int]) -> dict[int, Candidate]:
         """The student samples its own token (``config.fallback``) for rows ``rest``; u [B, UNIFORMS_PER_DRAW].
 
         ``strict``: the choice is judged like a teacher proposal, on the span of student tokens its text
@@ -261,8 +227,8 @@ class RSDEngine:
         if cfg.fallback != "strict":
             picks = sampling.fallback(logits, u, cfg).tolist()
             return {b: self._trial(rows[b], STUDENT, s) for b, s in zip(rest, picks)}
-        decided: dict[int, _Candidate] = {}
-        tried: dict[int, list[_Candidate]] = {b: [] for b in rest}
+        decided: dict[int, Candidate] = {}
+        tried: dict[int, list[Candidate]] = {b: [] for b in rest}
         excluded = torch.zeros_like(logits, dtype=torch.bool)  # [R, V_s]
         todo = list(range(len(rest)))  # positions in ``rest``
         for k in range(STRICT_DRAWS):
@@ -286,11 +252,11 @@ class RSDEngine:
                 self.stats["strict_last_resort"] += 1
         return decided
 
-    def _trial(self, row: _Row, side: str, token: int) -> _Candidate:
+    def _trial(self, row: Row, side: str, token: int) -> Candidate:
         pair = row.pair.copy()
-        return _Candidate(pair, pair.push(side, token), side, token)
+        return Candidate(pair, pair.push(side, token), side, token)
 
-    def _score(self, rows: list[_Row], s_ctx: BatchedContext, s_logits, cands: dict[int, _Candidate], judge: bool) -> dict[int, _Candidate]:
+    def _score(self, rows: list[Row], s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate], judge: bool) -> dict[int, Candidate]:
         """Set p_s of every student token each candidate appends; return the candidates that enter.
 
         One token without rollback is read off the current logits; anything else is scored by a probe
@@ -329,7 +295,7 @@ class RSDEngine:
                 cands[b].in_cache = False
         return enter
 
-    def _commit(self, rows: list[_Row], decided: dict[int, _Candidate], t_logits) -> None:
+    def _commit(self, rows: list[Row], decided: dict[int, Candidate], t_logits) -> None:
         """Apply each row's decided candidate: ids, records (p_s as scored), the models' pending updates."""
         p_t = self._teacher_probs(decided, t_logits)
         for b, c in decided.items():
@@ -348,7 +314,7 @@ class RSDEngine:
                 row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
             self._check_finished(row, c)
 
-    def _teacher_probs(self, decided: dict[int, _Candidate], t_logits) -> dict[int, float]:
+    def _teacher_probs(self, decided: dict[int, Candidate], t_logits) -> dict[int, float]:
         """p_t of accepted teacher tokens that became one student token 1:1 (their 1:1 counterpart)."""
         image = self.bridge.maps[TEACHER].image
         one_to_one = [b for b, c in decided.items()
@@ -359,7 +325,7 @@ class RSDEngine:
         tok = torch.tensor([decided[b].token for b in one_to_one], device=t_logits.device)
         return dict(zip(one_to_one, sampling.TokenProbs(t_logits).at(idx, tok).tolist()))
 
-    def _check_finished(self, row: _Row, c: _Candidate) -> None:
+    def _check_finished(self, row: Row, c: Candidate) -> None:
         if any(i in self.student.stop_ids for i in c.step.student.append) or (
             c.source == TEACHER and c.token in self.teacher.stop_ids
         ):
@@ -381,7 +347,7 @@ class RSDEngine:
         lm = self.student if self.run_student else self.teacher
         return lm.model.get_input_embeddings().weight.device
 
-    def _feed(self, c: BatchedContext, rows: list[_Row], side: str) -> None:
+    def _feed(self, c: BatchedContext, rows: list[Row], side: str) -> None:
         """Bring one model's context up to date with every row's pending update (one forward)."""
         updates = {b: r.pending[side] for b, r in enumerate(rows) if r.pending[side] is not None}
         for r in rows:
@@ -417,22 +383,6 @@ class RSDEngine:
                 logits = outs[b] if b in refed else torch.cat([prev[b : b + 1], outs[b]], dim=0)
                 preds[b] = fit_vocab(logits, lm.vocab.size).to(self._decision_device)
         return preds
-
-    def _trace(self, row: _Row) -> Trace:
-        ids = row.generated()
-        body = ids[:-1] if row.finish == "eos" and ids and ids[-1] in self.student.stop_ids else ids
-        return Trace(
-            index=row.index,
-            text=self.student.vocab.text_of(body),
-            ids=list(ids),
-            records=row.records,
-            finish_reason=row.finish or "length",
-            accepted=row.accepted,
-            decisions=row.decisions,
-            pth=self.config.pth,
-            student_prompt=row.prompts[STUDENT],
-            teacher_prompt=row.prompts[TEACHER] if self.run_teacher else "",
-        )
 
 
 def _take(q: deque, n: int) -> list:
