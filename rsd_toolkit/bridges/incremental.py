@@ -90,7 +90,7 @@ class IncrementalEncoder:
         return Update(0, [token_id])
 
     def push_text(self, text: str) -> Update:
-        """Append text; re-encode from a stable cut and report the difference."""
+        """Append text; re-encode from a cut and report the difference."""
         if not text:
             return Update()
         lead = self._raw_len - len(self._text)  # dummy-prefix bytes the tokens carry before the text

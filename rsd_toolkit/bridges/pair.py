@@ -98,12 +98,6 @@ class Pair:
             return _step(side, self.enc[side].push_text(text), self.enc[OTHER[side]].push_text(text))
         return self._hold(side, token, d.image(token), text, unfinished)
 
-    def push_teacher(self, token: int) -> Step:
-        return self.push(TEACHER, token)
-
-    def push_student(self, token: int) -> Step:
-        return self.push(STUDENT, token)
-
     # -- inside a character --------------------------------------------------------------------------
     def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Step:
         """A token that starts, continues or finishes a character split across tokens."""
