@@ -30,9 +30,9 @@ ATOMS = [
 ]  # fmt: skip
 EXAMPLES = int(os.environ.get("RSD_HYPOTHESIS_EXAMPLES", "200"))  # RSD_HYPOTHESIS_EXAMPLES=10000 for a long run
 SOURCES = ("text", "text", "text", "raw", "partial", "special")
-texts = st.lists(st.sampled_from(ATOMS), min_size=1, max_size=30).map("".join)
+texts = st.lists(st.sampled_from(ATOMS), min_size=2, max_size=30).map("".join)
 moves = st.lists(
-    st.tuples(st.sampled_from((TEACHER, STUDENT)), st.sampled_from(SOURCES), st.integers(0, 2**31)), min_size=1, max_size=50
+    st.tuples(st.sampled_from((TEACHER, STUDENT)), st.sampled_from(SOURCES), st.integers(0, 2**31)), min_size=8, max_size=60
 )
 
 
