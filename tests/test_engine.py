@@ -343,3 +343,37 @@ def test_a_tokenizer_asset_is_not_a_model():
 
     with pytest.raises(ModelLoadError, match="tokenizer only, no weights"):
         resolve_model_dir("asset:qwen2")
+
+
+# -- strict on the canonical trace ---------------------------------------------------------------------
+def digit_pair():
+    """qwen2 writes digits one by one, llama-bpe merges up to three: a student "1" after a "1" becomes "11"."""
+    t_base, s_base = tiny_lm("asset:qwen2", "llama", seed=0), tiny_lm("asset:llama-bpe", "llama", seed=0)
+    ones = {n: s_base.vocab.encode("1" * n)[0] for n in (1, 2, 3)}
+    return t_base, s_base, ones, fixed(t_base, {t_base.vocab.encode("x")[0]: 1.0})  # a teacher the student rejects
+
+
+def test_strict_fallback_judges_the_retokenised_span_and_draws_again():
+    t_base, s_base, ones, teacher = digit_pair()
+    word = s_base.vocab.encode(" the")[0]  # never merges with a digit
+    student = fixed(s_base, {ones[1]: 0.6, word: 0.395, ones[2]: 0.004, ones[3]: 0.001})
+    cfg = dict(max_new_tokens=30, pth=0.01)
+    loose = RSDEngine(teacher, student, RSDConfig(**cfg)).generate(PROMPTS, batch_size=5)
+    assert sum(t.sub_pth for t in loose) > 0  # "1" then "1" re-tokenises into an unjudged "11"
+    engine = RSDEngine(teacher, student, RSDConfig(**cfg, fallback="strict"))
+    strict = engine.generate(PROMPTS, batch_size=5)
+    assert sum(t.sub_pth for t in strict) == 0 and engine.stats["strict_last_resort"] == 0
+    assert engine.stats["probed"] > engine.stats["probe_accepted"]  # merged choices were judged and redrawn
+    for t in strict:
+        assert t.ids == s_base.vocab.encode(t.text) and {r.source for r in t.records} == {"student"}
+        assert all(r.p_s >= 0.01 for r in t.records) and ones[1] in t.ids and word in t.ids
+
+
+def test_strict_last_resort_when_no_choice_passes():
+    t_base, s_base, ones, teacher = digit_pair()
+    student = fixed(s_base, {ones[1]: 0.995, ones[2]: 0.004, ones[3]: 0.001})  # every "1" after a "1" merges
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=6, fallback="strict"))
+    t = engine.generate(["q"])[0]
+    assert t.text == "1" * len(t.text) and t.ids == s_base.vocab.encode(t.text)
+    assert engine.stats["strict_last_resort"] > 0 and t.sub_pth > 0  # documented: the best tried choice enters
+    assert [r.p_s for r in t.records if r.p_s < 0.01] and all(r.source == "student" for r in t.records)

@@ -73,3 +73,16 @@ def test_in_topk():
     logits = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
     assert sampling.in_topk(logits, torch.tensor([1]), 2).item()
     assert not sampling.in_topk(logits, torch.tensor([2]), 2).item()
+
+
+def test_acceptance_rule_is_every_token_passes():
+    cfg = RSDConfig(pth=0.01, student_topk_gate=True)
+    p, yes = torch.tensor([0.5, 0.01, 0.2]), torch.ones(3, dtype=torch.bool)
+    assert sampling.accepts(p, yes, cfg) and sampling.accepts(p[:1], yes[:1], cfg)
+    assert not sampling.accepts(torch.tensor([0.5, 0.0099, 0.2]), yes, cfg)  # one weak token rejects the span
+    assert not sampling.accepts(p, torch.tensor([True, False, True]), cfg)  # the top-k gate, when on
+    logits = torch.tensor([[5.0, 1.0, -9.0, 0.5]])
+    allowed = sampling.strict_choices(logits, RSDConfig(pth=0.01))
+    probs = torch.softmax(logits, -1)
+    assert allowed.tolist() == (probs >= 0.01).tolist()  # the strict fallback's choices obey the same rule
+    assert not sampling.strict_choices(logits, RSDConfig(pth=0.01), excluded=allowed)[0].any()

@@ -2,13 +2,15 @@
 
 ``load_tokenizer`` reads any tokenizer source; ``Vocab.from_tokenizer`` extracts what bridging needs;
 ``make_bridge`` classifies the pair (identical / remappable / bridged) and returns a :class:`Bridge`
-whose ``stream()`` maps token ids one sequence at a time; ``analyse`` builds the compatibility report.
+whose ``pair()`` keeps one sequence's teacher and student ids in step (``Pair.push(side, id)`` ->
+``Step``); ``analyse`` builds the compatibility report.
 """
 
 from .compat import SAMPLE_TEXT, CompatReport, analyse, classify, make_bridge
+from .bridge import KINDS, Bridge
 from .incremental import IncrementalEncoder, Update
 from .loading import TokenizerLoadError, load_tokenizer
-from .streams import KINDS, Bridge, BridgeStream
+from .pair import NO_TOKEN, STUDENT, TEACHER, Pair, Step
 from .vocab import UnsupportedTokenizer, Vocab
 
 
@@ -30,6 +32,7 @@ def load_vocab(spec: str, trust_remote_code: bool = False, model_vocab_size: int
 
 
 __all__ = [
-    "KINDS", "SAMPLE_TEXT", "Bridge", "BridgeStream", "CompatReport", "IncrementalEncoder", "TokenizerLoadError",
-    "UnsupportedTokenizer", "Update", "Vocab", "analyse", "classify", "load_tokenizer", "load_vocab", "make_bridge",
+    "KINDS", "NO_TOKEN", "SAMPLE_TEXT", "STUDENT", "TEACHER", "Bridge", "CompatReport", "IncrementalEncoder", "Pair",
+    "Step", "TokenizerLoadError", "UnsupportedTokenizer", "Update", "Vocab", "analyse", "classify", "load_tokenizer",
+    "load_vocab", "make_bridge",
 ]  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .streams import Bridge, remap_table, special_map
+from .bridge import NO_TOKEN, Bridge, remap_table, special_map
 from .vocab import BASE_ROLES, MARKER_ROLES, Vocab
 
 # Built-in multilingual sample: prose, math/LaTeX, code, digits, whitespace runs, CJK, emoji, combining marks.
@@ -49,14 +49,17 @@ def classify(a: Vocab, b: Vocab, sample: str = SAMPLE_TEXT) -> str:
     table = remap_table(a, b, special_map(a, b))
     for line in sample.splitlines():
         mapped = [table[i] for i in a.encode(line)]
-        if -1 not in mapped and mapped != b.encode(line):
+        if NO_TOKEN not in mapped and mapped != b.encode(line):
             return "bridged"
     return "remappable"
 
 
-def make_bridge(src: Vocab, dst: Vocab, kind: str | None = None, overrides: dict | None = None) -> Bridge:
-    """The bridge from ``src`` to ``dst``: classified automatically unless ``kind`` forces one."""
-    return Bridge(src, dst, kind or classify(src, dst), dict(overrides or {}))
+def make_bridge(
+    teacher: Vocab, student: Vocab, kind: str | None = None, overrides: dict | None = None, reverse_overrides: dict | None = None
+) -> Bridge:
+    """The bridge between ``teacher`` and ``student``: classified automatically unless ``kind`` forces one.
+    ``overrides`` fix teacher ids, ``reverse_overrides`` student ids (``{id: other_id or "text"}``)."""
+    return Bridge(teacher, student, kind or classify(teacher, student), dict(overrides or {}), dict(reverse_overrides or {}))
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -1,30 +1,40 @@
 """One generated text, seen by two models: what each side's context gains when either side adds a token.
 
-The engine keeps one pair per sequence. ``push_teacher(id)`` / ``push_student(id)`` return a
-:class:`Step` – the :class:`Update` of the student's ids and of the teacher's ids. ``copy()`` gives a
-trial state for a proposal that may be rejected.
+The engine keeps one :class:`Pair` per sequence; ``push(side, token)`` returns a :class:`Step`, the
+:class:`Update` of each side's ids; ``copy()`` gives a trial state for a proposal that may be rejected.
 
-* :class:`TokenPair` (identical / remappable tokenizers): token level. Ids pass through the 1:1 table as
-  sampled, exactly as single-tokenizer RSD does; a token the other side lacks becomes that side's
-  encoding of its text.
-* :class:`TextPair` (different tokenizers): text level. Both sides are kept at the *canonical* encoding
-  of the shared text (``ids == encode(text)``, segment by segment), so a student trace is exactly what
-  its tokenizer makes of the trace text. A token that ends inside a UTF-8 character stays in its own
-  side's context as a raw id (the model must see it to finish the character); the other side receives
-  the text once the character is complete, and the holding side is then re-encoded canonically.
+::
 
-Special tokens mapped between the sides (EOS, end-of-turn, think markers…) close a segment on both.
+    token ──bytes──▶ UTF-8 decoder ──committed text──▶ teacher's incremental encoder ──▶ Update
+                     (shared)                      └─▶ student's incremental encoder ──▶ Update
+
+Invariant after every push: each side's ids equal, segment by segment, that side's canonical encoding
+of the committed shared text, followed on a *holding* side by its raw ids of an unfinished character.
+
+* A token that ends inside a UTF-8 character stays in its own side's context as a raw id (the model
+  must see it to finish the character); the other side holds its 1:1 counterpart when it has one
+  (identical / remappable pairs), otherwise it waits for the text. Only a holding side may push until
+  the character is complete; then the holding sides are re-encoded canonically.
+* Special tokens mapped between the sides (EOS, end-of-turn, think markers…) close a segment on both;
+  an unfinished character before one becomes U+FFFD.
+* Identical tokenizers keep the sampled ids as they are on both sides (single-tokenizer RSD): nothing
+  is re-encoded, so the pair holds no text at all.
 """
 
 from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .incremental import IncrementalEncoder, Update
-from .streams import Bridge
 
-STUDENT, TEACHER = "student", "teacher"
+if TYPE_CHECKING:
+    from .bridge import Bridge
+
+TEACHER, STUDENT = "teacher", "student"
+OTHER = {TEACHER: STUDENT, STUDENT: TEACHER}
+NO_TOKEN = -1  # an id table's entry where the other side has no 1:1 counterpart
 
 
 @dataclass
@@ -33,114 +43,93 @@ class Step:
     teacher: Update
 
 
-class TokenPair:
-    """Token-level pairing for identical or remappable tokenizers."""
-
-    holder = None  # never mid-character: both sides hold the same ids
-
-    def __init__(self, teacher_to_student: Bridge, student_to_teacher: Bridge):
-        self.t2s, self.s2t = teacher_to_student, student_to_teacher
-
-    def copy(self) -> "TokenPair":
-        return self
-
-    def push_teacher(self, token: int) -> Step:
-        return Step(_map_token(self.t2s, token), Update(0, [token]))
-
-    def push_student(self, token: int) -> Step:
-        return Step(Update(0, [token]), _map_token(self.s2t, token))
+def _step(side: str, own: Update, other: Update) -> Step:
+    return Step(student=own, teacher=other) if side == STUDENT else Step(student=other, teacher=own)
 
 
-def _map_token(bridge: Bridge, token: int) -> Update:
-    if token in bridge.specials and token not in bridge.expansions:
-        return Update(0, [bridge.specials[token]])
-    if token in bridge.expansions:
-        return Update(0, bridge.dst.encode(bridge.expansions[token].decode("utf-8", errors="replace")))
-    target = bridge.table[token] if token < len(bridge.table) else -1
-    if target >= 0:
-        return Update(0, [target])
-    return Update(0, bridge.dst.encode(bridge.src.text_of([token])))
+class Pair:
+    """Per-sequence pairing state of a :class:`~.bridge.Bridge`."""
 
-
-class TextPair:
-    """Text-level pairing for different tokenizers: both sides canonical."""
-
-    def __init__(self, teacher_to_student: Bridge, student_to_teacher: Bridge):
-        self.bridges = {TEACHER: teacher_to_student, STUDENT: student_to_teacher}
-        self.enc = {STUDENT: IncrementalEncoder(teacher_to_student.dst), TEACHER: IncrementalEncoder(teacher_to_student.src)}
+    def __init__(self, bridge: "Bridge"):
+        self.bridge = bridge
+        self.enc = {TEACHER: IncrementalEncoder(bridge.teacher), STUDENT: IncrementalEncoder(bridge.student)}
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._segment_start = True
-        self.holder: str | None = None  # side whose context ends with raw ids of an unfinished character
-        self._held_ids: list[int] = []
-        self._held_text = ""  # completed text the holder's encoder has not received yet
+        self._segment_start = True  # the next bytes open a segment (dummy-prefix strip applies)
+        self.held: dict[str, list[int]] = {}  # holding side -> its raw ids of the unfinished character
+        self._held_text = ""  # completed text the holding sides' encoders have not received yet
 
-    def copy(self) -> "TextPair":
-        new = TextPair.__new__(TextPair)
-        new.bridges = self.bridges
+    def copy(self) -> "Pair":
+        new = Pair.__new__(Pair)
+        new.bridge = self.bridge
         new.enc = {side: enc.copy() for side, enc in self.enc.items()}
         new._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         new._utf8.setstate(self._utf8.getstate())
         new._segment_start = self._segment_start
-        new.holder, new._held_ids, new._held_text = self.holder, list(self._held_ids), self._held_text
+        new.held = {side: list(ids) for side, ids in self.held.items()}
+        new._held_text = self._held_text
         return new
 
-    def push_teacher(self, token: int) -> Step:
-        own, other = self._push(TEACHER, token)
-        return Step(student=other, teacher=own)
+    def may_push(self, side: str) -> bool:
+        """Whether ``side`` may add a token now (not while only the other side holds a character)."""
+        return not self.held or side in self.held
 
-    def push_student(self, token: int) -> Step:
-        own, other = self._push(STUDENT, token)
-        return Step(student=own, teacher=other)
-
-    def _push(self, side: str, token: int) -> tuple[Update, Update]:
-        bridge = self.bridges[side]
-        other_side = TEACHER if side == STUDENT else STUDENT
-        if self.holder not in (None, side):
-            raise RuntimeError(f"the {self.holder} side is inside a character; only it may add tokens now")
-        if not 0 <= token < bridge.src.size:
-            raise ValueError(f"token id {token} is outside the {side} vocabulary (size {bridge.src.size})")
-        mapped = bridge.specials.get(token)
-        if mapped is not None and token not in bridge.expansions:
+    def push(self, side: str, token: int) -> Step:
+        """Add one token sampled by ``side``; returns how both sides' ids change."""
+        d = self.bridge.maps[side]
+        if not self.may_push(side):
+            raise RuntimeError(f"the {OTHER[side]} side is inside a character; only it may add tokens now")
+        if not 0 <= token < d.src.size:
+            raise ValueError(f"token id {token} is outside the {side} vocabulary (size {d.src.size})")
+        if self.bridge.keeps_sampled_ids:
+            return _step(side, Update(0, [token]), Update(0, d.image_ids(token)))
+        mapped = d.specials.get(token)
+        if mapped is not None:
             own, other = self._flush(side)
-            own = own.then(self.enc[side].push_special(token))
-            other = other.then(self.enc[other_side].push_special(mapped))
             self._segment_start = True
-            return own, other
-        data = bridge.expansions.get(token, bridge.src.token_bytes[token])
+            return _step(side, own.then(self.enc[side].push_special(token)), other.then(self.enc[OTHER[side]].push_special(mapped)))
+        data = d.data(token)
         if self._segment_start and data:
-            if bridge.src.strip_leading_space and data[:1] == b" ":
+            if d.src.strip_leading_space and data[:1] == b" ":
                 data = data[1:]
             self._segment_start = False
         text = self._utf8.decode(data)
-        mid_character = bool(self._utf8.getstate()[0])
-        other = self.enc[other_side].push_text(text)
-        if self.holder is None and not mid_character:
-            return self.enc[side].push_text(text), other
-        # Inside a character: this side keeps its raw ids until the character completes.
-        rollback = len(self._held_ids)
-        self._held_ids.append(token)
+        unfinished = bool(self._utf8.getstate()[0])
+        if not self.held and not unfinished:
+            return _step(side, self.enc[side].push_text(text), self.enc[OTHER[side]].push_text(text))
+        return self._hold(side, token, d.image(token), text, unfinished)
+
+    # -- inside a character --------------------------------------------------------------------------
+    def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Step:
+        """A token that starts, continues or finishes a character split across tokens."""
+        other = OTHER[side]
+        ups = {side: Update(0, [token]), other: Update()}
+        if not self.held:  # the character starts in this token
+            self.held = {side: []} if image == NO_TOKEN else {side: [], other: []}
+        self.held[side].append(token)
+        if other in self.held and image != NO_TOKEN:
+            self.held[other].append(image)
+            ups[other] = Update(0, [image])
+        elif other in self.held:  # no counterpart: the other side drops its raw ids and waits for the text
+            ups[other] = Update(len(self.held.pop(other)), []).then(self.enc[other].push_text(self._held_text))
+        if other not in self.held:
+            ups[other] = ups[other].then(self.enc[other].push_text(text))
         self._held_text += text
-        if mid_character:
-            self.holder = side
-            return Update(0, [token]), other
-        own = Update(rollback, []).then(self.enc[side].push_text(self._held_text))
-        self.holder, self._held_ids, self._held_text = None, [], ""
-        return own, other
+        if not unfinished:  # complete: the holding sides' raw ids become the canonical encoding
+            for s, raw in self.held.items():
+                ups[s] = ups[s].then(Update(len(raw), [])).then(self.enc[s].push_text(self._held_text))
+            self.held, self._held_text = {}, ""
+        return _step(side, ups[side], ups[other])
 
     def _flush(self, side: str) -> tuple[Update, Update]:
         """Before a segment-closing special: an unfinished character becomes U+FFFD on both sides."""
-        if not self._utf8.getstate()[0] and self.holder is None:
+        if not self.held:
             return Update(), Update()
         text = self._utf8.decode(b"", final=True)
-        holder = self.holder or side
-        holder_update = Update(len(self._held_ids), []).then(self.enc[holder].push_text(self._held_text + text))
-        rest = STUDENT if holder == TEACHER else TEACHER
-        rest_update = self.enc[rest].push_text(text)
-        self.holder, self._held_ids, self._held_text = None, [], ""
-        return (holder_update, rest_update) if holder == side else (rest_update, holder_update)
-
-
-def make_pair(bridge: Bridge, reverse: Bridge) -> TokenPair | TextPair:
-    """The pairing for a teacher→student bridge and its reverse."""
-    return TextPair(bridge, reverse) if bridge.kind == "bridged" else TokenPair(bridge, reverse)
-
+        ups = {}
+        for s in (side, OTHER[side]):
+            if s in self.held:
+                ups[s] = Update(len(self.held[s]), []).then(self.enc[s].push_text(self._held_text + text))
+            else:
+                ups[s] = self.enc[s].push_text(text)
+        self.held, self._held_text = {}, ""
+        return ups[side], ups[OTHER[side]]

@@ -94,6 +94,25 @@ def piece_bytes_table(spec: dict, vocab: dict[str, int], added: dict[int, str], 
     return table
 
 
+WINDOW_CACHE_SIZE = 1 << 16
+
+
+def _without_dummy_prefix(node):
+    """A tokenizer spec (JSON tree) whose Metaspace never prepends and that has no Prepend normaliser."""
+    if isinstance(node, list):
+        return [_without_dummy_prefix(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":
+        return None
+    out = {k: _without_dummy_prefix(v) for k, v in node.items()}
+    if node.get("type") == "Metaspace":
+        out["prepend_scheme"] = "never"
+        if "add_prefix_space" in out:
+            out["add_prefix_space"] = False
+    return out
+
+
 @dataclass(eq=False)
 class Vocab:
     """Tokenizer facts for bridging. Build with :meth:`from_tokenizer`."""
@@ -108,7 +127,7 @@ class Vocab:
     model_vocab_size: int | None = None  # padded size of a model's embedding, when known
     strip_leading_space: bool = False  # text of ids drops one leading space (Prepend-style dummy prefix)
     lossless: bool = True  # encode(text_of(encode(x))) == encode(x) held on the probes
-    _encode_cache: dict = field(default_factory=dict, repr=False)
+    _window_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tok, model_vocab_size: int | None = None, name: str | None = None) -> "Vocab":
@@ -145,6 +164,43 @@ class Vocab:
     def encode(self, text: str) -> list[int]:
         """Canonical encoding: no BOS/EOS added, added tokens matched as the tokenizer does."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Canonical ids of ``text`` read as the continuation of a segment: no dummy-prefix space.
+
+        The incremental encoder re-encodes windows that start inside a segment. Memoised (bounded):
+        the windows of a long whitespace run repeat, in one trace and across the rows of a batch.
+        """
+        hit = self._window_cache.get(text)
+        if hit is None:
+            if len(self._window_cache) >= WINDOW_CACHE_SIZE:
+                self._window_cache.clear()
+            hit = self._window_cache[text] = tuple(self._continuation.encode(text, add_special_tokens=False).ids)
+        return list(hit)
+
+    @cached_property
+    def _continuation(self) -> Tokenizer:
+        """The backend with SentencePiece's dummy prefix switched off (itself when there is none)."""
+        parts = ("normalizer", "pre_tokenizer")
+        changed = {k: _without_dummy_prefix(self.spec.get(k)) for k in parts}
+        if all(changed[k] == self.spec.get(k) for k in parts):
+            return self.backend
+        return Tokenizer.from_str(json.dumps({**self.spec, **changed}))
+
+    @cached_property
+    def continues_exactly(self) -> bool:
+        """Whether a window may start anywhere in a segment (not only at a space): the continuation
+        encoding adds no dummy prefix (checked on probes)."""
+        return all(self.raw_bytes(self._continuation.encode(p, add_special_tokens=False).ids) == p.encode()
+                   for p in ("x", "机器", "12"))  # fmt: skip
+
+    @cached_property
+    def cut_flags(self) -> tuple[bytearray, bytearray]:
+        """Per id: whether its bytes start with a space or tab, and whether they end in a non-space
+        (a stable cut is a token of the first kind after one of the second)."""
+        starts = bytearray(b[:1] in (b" ", b"\t") for b in self.token_bytes)
+        ends = bytearray(bool(b) and b[-1] not in b" \t\n\r\x0b\x0c" for b in self.token_bytes)
+        return starts, ends
 
     def raw_bytes(self, ids) -> bytes:
         table = self.token_bytes

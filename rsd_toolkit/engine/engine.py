@@ -3,99 +3,31 @@
 Per sequence and step (arXiv 2509.22230, §3): the teacher samples a candidate; the student accepts it
 if its probability p_s ≥ pth, otherwise the student samples its own token. Across tokenizers the
 candidate is the span of student tokens its text becomes, accepted only if every token of the span
-passes; a student token is carried back into the teacher's context as text.
+passes (``sampling.accepts``, the one place the rule is written); a student token is carried back into
+the teacher's context as text.
 
 Each step is one teacher forward and one student forward over the whole batch (``BatchedContext``
 applies every row's pending tokens at once); spans longer than one token are scored in one more
-batched student forward. Modes ``teacher`` and ``student`` run the same loop with the decision fixed.
+batched student forward (a *probe*) whose cache entries are kept for the spans that enter the trace.
+Modes ``teacher`` and ``student`` run the same loop with the decision fixed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
-
 import torch
 
-from ..bridges import Update, make_bridge
-from ..bridges.pair import TextPair, make_pair
+from ..bridges import STUDENT, TEACHER, Update, make_bridge
 from ..config import RSDConfig
 from ..models import LM
 from . import sampling
 from .context import BatchedContext
+from .sampling import fit_vocab
+from .trace import Candidate, Row, TokenRecord, Trace
 
 log = logging.getLogger("rsd_toolkit.engine")
-TEACHER, STUDENT = "teacher", "student"
-
-
-@dataclass
-class TokenRecord:
-    id: int
-    source: str  # "teacher" (accepted proposal) or "student" (fallback / student-only)
-    p_s: float | None  # the student's acceptance probability of this token (None without a student model)
-    p_t: float | None = None  # the teacher's probability (temperature 1) of the token it proposed, when 1:1
-
-
-@dataclass
-class Trace:
-    index: int
-    text: str  # generated text, without the final stop token
-    ids: list[int]  # student token ids, including the stop token when the trace ended with one
-    records: list[TokenRecord]
-    finish_reason: str  # "eos", "length" or "stop"
-    accepted: int  # teacher proposals the student accepted
-    decisions: int  # steps where the teacher proposed (rsd mode)
-    pth: float
-    student_prompt: str = ""
-    teacher_prompt: str = ""
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.accepted / self.decisions if self.decisions else None
-
-    @property
-    def sub_pth(self) -> int:
-        """Tokens whose student probability is below pth."""
-        return sum(1 for r in self.records if r.p_s is not None and r.p_s < self.pth)
-
-    def to_dict(self, token_stats: bool = False) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "records"}
-        d.update(acceptance_rate=self.acceptance_rate, sub_pth=self.sub_pth, n_tokens=len(self.ids))
-        if token_stats:
-            d["records"] = [asdict(r) for r in self.records]
-        return d
-
-
-@dataclass(eq=False)
-class _Decision:
-    """A decided step for one row: the pair state after it, the updates, who chose the token."""
-
-    pair: object
-    step: object
-    source: str
-    teacher_token: int | None = None
-    span_probs: list[float] | None = None  # set when the span was scored (and cached) by a probe
-
-
-@dataclass(eq=False)
-class _Row:
-    """One sequence being generated."""
-
-    index: int
-    rng: torch.Generator
-    pair: object
-    ids: dict[str, list[int]]  # side -> prompt + generated ids (what that model's context holds)
-    prompt_len: dict[str, int]
-    prompts: dict[str, str]
-    pending: dict[str, Update | None] = field(default_factory=lambda: {TEACHER: None, STUDENT: None})
-    records: list[TokenRecord] = field(default_factory=list)
-    accepted: int = 0
-    decisions: int = 0
-    finish: str | None = None
-
-    def generated(self) -> list[int]:
-        return self.ids[STUDENT][self.prompt_len[STUDENT] :]
+STRICT_DRAWS = sampling.UNIFORMS_PER_DRAW  # strict fallback choices tried per step (one uniform each)
 
 
 class RSDEngine:
@@ -128,8 +60,7 @@ class RSDEngine:
         # The teacher's stop tokens become the student's and back, whatever the special-token maps say.
         t2s = {i: self.student.primary_stop for i in self.teacher.stop_ids}
         s2t = {i: self.teacher.primary_stop for i in self.student.stop_ids}
-        self.bridge = make_bridge(self.teacher.vocab, self.student.vocab, bridge_kind, {**t2s, **(overrides or {})})
-        self.reverse = make_bridge(self.student.vocab, self.teacher.vocab, self.bridge.kind, s2t)
+        self.bridge = make_bridge(self.teacher.vocab, self.student.vocab, bridge_kind, {**t2s, **(overrides or {})}, s2t)
         self.kind = self.bridge.kind
         if self.run_teacher and self.run_student:
             t_dev = self.teacher.model.get_input_embeddings().weight.device
@@ -171,7 +102,7 @@ class RSDEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self, prompts, seeds, todo: deque, results, batch_size: int, progress) -> None:
-        rows: list[_Row] = []
+        rows: list[Row] = []
         ctx: dict[str, BatchedContext | None] = {TEACHER: None, STUDENT: None}
         while todo or rows:
             if todo and len(rows) <= batch_size * 3 // 4:
@@ -180,10 +111,8 @@ class RSDEngine:
             self._step(rows, ctx)
             done = [b for b, r in enumerate(rows) if r.finish]
             if done:
-                if self.run_student and any(r.pending[STUDENT] for r in rows):
-                    self._apply(ctx[STUDENT], rows, STUDENT)  # score the last tokens before rows leave
                 for b in done:
-                    results[rows[b].index] = self._trace(rows[b])
+                    results[rows[b].index] = rows[b].trace(self.student, self.config.pth, with_teacher_prompt=self.run_teacher)
                 keep = [b for b, r in enumerate(rows) if not r.finish]
                 self._count_positions(ctx)
                 for c in ctx.values():
@@ -202,20 +131,20 @@ class RSDEngine:
                     self.stats[f"{side}_{k}_positions"] += v
                     c.positions[k] = 0
 
-    def _new_row(self, index: int, prompt, seed: int) -> _Row:
+    def _new_row(self, index: int, prompt, seed: int) -> Row:
         rng = torch.Generator().manual_seed((self.config.seed * 0x9E3779B1 + int(seed) * 0x85EBCA77) % (2**63))
         t_text, t_ids = self.teacher.prompt(prompt, self.config)
         s_text, s_ids = self.student.prompt(prompt, self.config)
-        return _Row(
+        return Row(
             index=index,
             rng=rng,
-            pair=make_pair(self.bridge, self.reverse),
+            pair=self.bridge.pair(),
             ids={TEACHER: t_ids, STUDENT: s_ids},
             prompt_len={TEACHER: len(t_ids), STUDENT: len(s_ids)},
             prompts={TEACHER: t_text, STUDENT: s_text},
         )
 
-    def _join(self, ctx: dict, rows: list[_Row], new: list[_Row]) -> None:
+    def _join(self, ctx: dict, rows: list[Row], new: list[Row]) -> None:
         """Prefill new rows' prompts and add them to the running batch."""
         for side, lm, active in ((TEACHER, self.teacher, self.run_teacher), (STUDENT, self.student, self.run_student)):
             if not active:
@@ -230,117 +159,175 @@ class RSDEngine:
                 ctx[side].merge(fresh)
         rows.extend(new)
 
-    def _step(self, rows: list[_Row], ctx: dict) -> None:
+    def _step(self, rows: list[Row], ctx: dict) -> None:
+        """One token decision for every row: catch the models up, decide, commit."""
         cfg = self.config
-        for c in ctx.values():
-            if c is not None:
-                c.maybe_compact()
-        if self.run_teacher:
-            self._apply(ctx[TEACHER], rows, TEACHER)
-        if self.run_student:
-            self._apply(ctx[STUDENT], rows, STUDENT)
-        u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows])
-        split = sampling.UNIFORMS_PER_DRAW * cfg.teacher_draws
-        s_logits = self._logits(ctx[STUDENT], self.student) if self.run_student else None
-        t_logits = self._logits(ctx[TEACHER], self.teacher) if self.run_teacher else None
-        acc = sampling.TokenProbs.acceptance(s_logits, cfg) if s_logits is not None else None
-
-        decided: dict[int, _Decision] = {}
+        for side, active in ((TEACHER, self.run_teacher), (STUDENT, self.run_student)):
+            if active:
+                ctx[side].maybe_compact()
+                self._feed(ctx[side], rows, side)
+        u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows])  # [B, uniforms]
+        split = sampling.UNIFORMS_PER_DRAW * cfg.teacher_draws  # teacher draws | fallback draw
+        s_logits = self._logits(ctx[STUDENT], self.student) if self.run_student else None  # [B, V_s]
+        t_logits = self._logits(ctx[TEACHER], self.teacher) if self.run_teacher else None  # [B, V_t]
         if cfg.mode == "student":
-            probs = sampling.tempered_probs(s_logits, cfg.temperature)
-            picks = sampling.sample(probs, u[:, split:].to(s_logits.device), cfg.top_p).tolist()
-            for b, s in enumerate(picks):
-                decided[b] = _Decision(rows[b].pair, rows[b].pair.push_student(s), STUDENT)
+            picks = sampling.sample(sampling.tempered_probs(s_logits, cfg.temperature), u[:, split:].to(s_logits.device), cfg.top_p)
+            decided = {b: self._trial(row, STUDENT, s) for (b, row), s in zip(enumerate(rows), picks.tolist())}
+        elif cfg.mode == "teacher":
+            cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), cfg)[:, 0].tolist()  # [B]
+            decided = {b: self._trial(row, TEACHER, c) for (b, row), c in zip(enumerate(rows), cands)}
         else:
-            cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), cfg).cpu()
-            if cfg.mode == "teacher":
-                for b, row in enumerate(rows):
-                    c = int(cands[b, 0])
-                    decided[b] = _Decision(row.pair, row.pair.push_teacher(c), TEACHER, teacher_token=c)
-            else:
-                decided = self._decide(rows, ctx[STUDENT], cands, s_logits, acc)
-                rejected = [b for b in range(len(rows)) if b not in decided]
-                if rejected:
-                    idx = torch.tensor(rejected, device=s_logits.device)
-                    picks = sampling.fallback(s_logits[idx], u[rejected, split:].to(s_logits.device), cfg).tolist()
-                    for b, s in zip(rejected, picks):
-                        decided[b] = _Decision(rows[b].pair, rows[b].pair.push_student(s), STUDENT)
-        self._commit(rows, decided, acc, t_logits)
+            decided = self._rsd(rows, ctx[STUDENT], t_logits, s_logits, u)
+        if self.run_student:  # every entering token is scored once (judged candidates already are)
+            self._score(rows, ctx[STUDENT], s_logits, {b: c for b, c in decided.items() if c.p_s is None}, judge=False)
+        self._commit(rows, decided, t_logits)
 
-    def _decide(self, rows, s_ctx: BatchedContext, cands, s_logits, acc) -> dict[int, "_Decision"]:
-        """RSD acceptance, draw by draw: rows still undecided try their next teacher candidate."""
+    def _rsd(self, rows: list[Row], s_ctx: BatchedContext, t_logits, s_logits, u) -> dict[int, Candidate]:
+        """RSD for every row (the paper's algorithm, batched):
+
+        propose   the teacher samples candidates                       cands [B, teacher_draws]
+        score     p_s of each candidate's student tokens              (current logits; spans: a probe forward)
+        accept    iff every token passes (``sampling.accepts``)        next draw for rows still open
+        else      the student samples its own token                    ``_fall_back``
+        """
         cfg = self.config
-        undecided = [b for b, r in enumerate(rows) if r.pair.holder != STUDENT]  # mid-character: student goes on
-        for b in undecided:
+        split = sampling.UNIFORMS_PER_DRAW * cfg.teacher_draws
+        cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), cfg).tolist()  # [B, teacher_draws]
+        open_rows = [b for b, r in enumerate(rows) if r.pair.may_push(TEACHER)]  # a student mid-character goes on
+        for b in open_rows:
             rows[b].decisions += 1
-        decided: dict[int, _Decision] = {}
+        decided: dict[int, Candidate] = {}
         for j in range(cfg.teacher_draws):
-            trials, single, spans = {}, [], []
-            for b in undecided:
-                trial = rows[b].pair.copy()
-                c = int(cands[b, j])
-                step = trial.push_teacher(c)
-                if trial.holder == TEACHER:
-                    self.stats["proposal_mid_character"] += 1
-                    continue  # ends inside a character the student cannot judge yet: not proposable
-                trials[b] = _Decision(trial, step, TEACHER, teacher_token=c)
-                su = step.student
-                (single if su.rollback == 0 and len(su.append) == 1 else spans).append(b)
-            if single:
-                rows_t = torch.tensor(single, device=s_logits.device)
-                tok = torch.tensor([trials[b].step.student.append[0] for b in single], device=s_logits.device)
-                passed = acc.at(rows_t, tok) >= cfg.pth
-                if cfg.student_topk_gate:
-                    passed &= sampling.in_topk(s_logits[rows_t], tok, cfg.k)
-                decided.update({b: trials[b] for b, flag in zip(single, passed.tolist()) if flag})
-            if spans:
-                for b, probs in self._probe(rows, s_ctx, {b: trials[b].step.student for b in spans}).items():
-                    trials[b].span_probs = probs
-                    decided[b] = trials[b]
-            undecided = [b for b in undecided if b not in decided]
-            if not undecided:
+            trials = {b: self._trial(rows[b], TEACHER, cands[b][j]) for b in open_rows}
+            judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
+            self.stats["proposal_mid_character"] += len(trials) - len(judged)
+            decided.update(self._score(rows, s_ctx, s_logits, judged, judge=True))
+            open_rows = [b for b in open_rows if b not in decided]
+            if not open_rows:
                 break
         for b in decided:
             rows[b].accepted += 1
+        rest = [b for b in range(len(rows)) if b not in decided]
+        decided.update(self._fall_back(rows, s_ctx, s_logits, u[:, split:], rest))
         return decided
 
-    def _commit(self, rows: list[_Row], decided: dict[int, "_Decision"], acc, t_logits) -> None:
-        """Apply decided steps to id lists and records; the models see them at the next forward."""
-        first = [(b, d.step.student.append[0]) for b, d in decided.items()
-                 if d.span_probs is None and d.step.student.rollback == 0 and d.step.student.append]  # fmt: skip
-        p_first = {}
-        if first and acc is not None:
-            idx = torch.tensor([b for b, _ in first], device=acc.logits.device)
-            tok = torch.tensor([t for _, t in first], device=acc.logits.device)
-            p_first = dict(zip((b for b, _ in first), acc.at(idx, tok).tolist()))
-        p_t = {}
-        if t_logits is not None and not isinstance(rows[0].pair, TextPair):
-            proposed = [(b, d.teacher_token) for b, d in decided.items() if d.teacher_token is not None]
-            if proposed:
-                idx = torch.tensor([b for b, _ in proposed], device=t_logits.device)
-                tok = torch.tensor([t for _, t in proposed], device=t_logits.device)
-                p_t = dict(zip((b for b, _ in proposed), sampling.TokenProbs(t_logits).at(idx, tok).tolist()))
-        for b, d in decided.items():
-            row, su, tu = rows[b], d.step.student, d.step.teacher
-            row.pair = d.pair
+    def _fall_back(self, rows: list[Row], s_ctx, s_logits, u, rest: list[int]) -> dict[int, Candidate]:
+        """The student samples its own token (``config.fallback``) for rows ``rest``; u [B, UNIFORMS_PER_DRAW].
+
+        ``strict``: the choice is judged like a teacher proposal, on the span of student tokens its text
+        becomes (a merge with earlier tokens can make a token nobody chose); a rejected choice is excluded
+        and the student draws again, up to ``STRICT_DRAWS`` choices. Last resort, when none passes: the
+        tried choice whose least likely token is the most likely (``stats["strict_last_resort"]``).
+        """
+        cfg = self.config
+        if not rest:
+            return {}
+        logits = s_logits[torch.tensor(rest, device=s_logits.device)]  # [R, V_s]
+        u = u[rest].to(s_logits.device)
+        if cfg.fallback != "strict":
+            picks = sampling.fallback(logits, u, cfg).tolist()
+            return {b: self._trial(rows[b], STUDENT, s) for b, s in zip(rest, picks)}
+        decided: dict[int, Candidate] = {}
+        tried: dict[int, list[Candidate]] = {b: [] for b in rest}
+        excluded = torch.zeros_like(logits, dtype=torch.bool)  # [R, V_s]
+        todo = list(range(len(rest)))  # positions in ``rest``
+        for k in range(STRICT_DRAWS):
+            idx = torch.tensor(todo, device=logits.device)
+            picks = sampling.fallback(logits[idx], u[idx, k:], cfg, excluded[idx] if k else None).tolist()
+            trials = {rest[i]: self._trial(rows[rest[i]], STUDENT, s) for i, s in zip(todo, picks)}
+            decided.update(self._score(rows, s_ctx, s_logits, trials, judge=True))
+            for i, s in zip(todo, picks):
+                if rest[i] not in decided:
+                    tried[rest[i]].append(trials[rest[i]])
+                    excluded[i, s] = True
+            todo = [i for i in todo if rest[i] not in decided]
+            if todo:  # rows with no untried choice left stop here
+                left = sampling.strict_choices(logits[torch.tensor(todo, device=logits.device)], cfg, excluded[todo]).any(-1)
+                todo = [i for i, ok in zip(todo, left.tolist()) if ok]
+            if not todo:
+                break
+        for b in rest:
+            if b not in decided:
+                decided[b] = max(tried[b], key=lambda c: min(c.p_s, default=1.0))
+                self.stats["strict_last_resort"] += 1
+        return decided
+
+    def _trial(self, row: Row, side: str, token: int) -> Candidate:
+        pair = row.pair.copy()
+        return Candidate(pair, pair.push(side, token), side, token)
+
+    def _score(self, rows: list[Row], s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate], judge: bool) -> dict[int, Candidate]:
+        """Set p_s of every student token each candidate appends; return the candidates that enter.
+
+        One token without rollback is read off the current logits; anything else is scored by a probe
+        forward (one for all rows) whose cache entries stay for the candidates that enter. With ``judge``
+        only the candidates RSD accepts enter (``sampling.accepts``), otherwise all of them.
+        """
+        cfg = self.config
+        single = [b for b, c in cands.items() if c.step.student.rollback == 0 and len(c.step.student.append) == 1]
+        spans = {b: c.step.student for b, c in cands.items() if b not in single}
+        gates: dict[int, torch.Tensor] = {}
+        if single:
+            idx = torch.tensor(single, device=s_logits.device)
+            tok = torch.tensor([cands[b].step.student.append[0] for b in single], device=s_logits.device)
+            p_s, gate = sampling.token_scores(s_logits[idx], tok, cfg)  # [n], [n]
+            for k, b in enumerate(single):
+                cands[b].p_s, gates[b] = p_s[k : k + 1].tolist(), gate[k : k + 1]
+        if spans:
+            saved, last = s_ctx.checkpoint(list(spans)), s_ctx.last_logits.clone()
+            old_ids = {b: rows[b].ids[STUDENT] for b in spans}
+            for b, su in spans.items():
+                rows[b].ids[STUDENT] = su.apply(old_ids[b])
+            preds = self._extend(s_ctx, rows, STUDENT, spans, score=True)  # b -> [len(append), V_s]
+            for b, su in spans.items():
+                rows[b].ids[STUDENT] = old_ids[b]
+                tok = torch.tensor(su.append, device=s_logits.device)
+                p_s, gates[b] = sampling.token_scores(preds[b], tok, cfg) if su.append else (tok.float(), tok.bool())
+                cands[b].p_s, cands[b].in_cache = p_s.tolist(), True
+        enter = {b: c for b, c in cands.items() if not judge or sampling.accepts(torch.tensor(c.p_s), gates[b].cpu(), cfg)}
+        if judge and spans:
+            self.stats["probed"] += len(spans)
+            self.stats["probe_accepted"] += sum(b in enter for b in spans)
+        undo = {b: saved[b] for b in spans if b not in enter}
+        if undo:
+            s_ctx.restore(undo, last)
+            for b in undo:
+                cands[b].in_cache = False
+        return enter
+
+    def _commit(self, rows: list[Row], decided: dict[int, Candidate], t_logits) -> None:
+        """Apply each row's decided candidate: ids, records (p_s as scored), the models' pending updates."""
+        p_t = self._teacher_probs(decided, t_logits)
+        for b, c in decided.items():
+            row, su, tu = rows[b], c.step.student, c.step.teacher
+            row.pair = c.pair
             row.ids[STUDENT] = su.apply(row.ids[STUDENT])
             if su.rollback:
                 del row.records[len(row.records) - su.rollback :]
-            probs = d.span_probs or [p_first.get(b) if k == 0 else None for k in range(len(su.append))]
-            for tid, p in zip(su.append, probs):
-                row.records.append(TokenRecord(tid, d.source, p))
-            if len(su.append) == 1 and b in p_t:
+            row.records += [TokenRecord(t, c.source, p) for t, p in zip(su.append, c.p_s or [None] * len(su.append))]
+            if b in p_t:
                 row.records[-1].p_t = p_t[b]
-            if d.span_probs is None and self.run_student:  # probed spans are already in the student's cache
+            if self.run_student and not c.in_cache:  # probed tokens are in the student's cache already
                 row.pending[STUDENT] = su if row.pending[STUDENT] is None else row.pending[STUDENT].then(su)
             row.ids[TEACHER] = tu.apply(row.ids[TEACHER])
             if self.run_teacher:  # a side with no model keeps no pending work
                 row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
-            self._check_finished(row, d)
+            self._check_finished(row, c)
 
-    def _check_finished(self, row: _Row, d: "_Decision") -> None:
-        if any(i in self.student.stop_ids for i in d.step.student.append) or (
-            d.source == TEACHER and d.teacher_token in self.teacher.stop_ids
+    def _teacher_probs(self, decided: dict[int, Candidate], t_logits) -> dict[int, float]:
+        """p_t of accepted teacher tokens that became one student token 1:1 (their 1:1 counterpart)."""
+        image = self.bridge.maps[TEACHER].image
+        one_to_one = [b for b, c in decided.items()
+                      if c.source == TEACHER and c.step.student == Update(0, [image(c.token)])]  # fmt: skip
+        if t_logits is None or not one_to_one:
+            return {}
+        idx = torch.tensor(one_to_one, device=t_logits.device)
+        tok = torch.tensor([decided[b].token for b in one_to_one], device=t_logits.device)
+        return dict(zip(one_to_one, sampling.TokenProbs(t_logits).at(idx, tok).tolist()))
+
+    def _check_finished(self, row: Row, c: Candidate) -> None:
+        if any(i in self.student.stop_ids for i in c.step.student.append) or (
+            c.source == TEACHER and c.token in self.teacher.stop_ids
         ):
             row.finish = "eos"
         elif len(row.generated()) >= self.config.max_new_tokens:
@@ -360,27 +347,18 @@ class RSDEngine:
         lm = self.student if self.run_student else self.teacher
         return lm.model.get_input_embeddings().weight.device
 
-    def _apply(self, c: BatchedContext, rows: list[_Row], side: str) -> None:
+    def _feed(self, c: BatchedContext, rows: list[Row], side: str) -> None:
         """Bring one model's context up to date with every row's pending update (one forward)."""
         updates = {b: r.pending[side] for b, r in enumerate(rows) if r.pending[side] is not None}
         for r in rows:
             r.pending[side] = None
-        if not updates:
-            return
-        scored = self._extend(c, rows, side, updates, score=side == STUDENT)
-        if side == STUDENT:
-            for b, (probs, _) in scored.items():
-                recs = rows[b].records[len(rows[b].records) - len(probs) :] if probs else []
-                for rec, p in zip(recs, probs):
-                    if rec.p_s is None:
-                        rec.p_s = p
+        if updates:
+            self._extend(c, rows, side, updates, score=False)
 
-    def _extend(self, c: BatchedContext, rows, side: str, updates: dict, score: bool) -> dict[int, tuple[list, list]]:
-        """Roll back and append per row; with ``score``, the acceptance probability of every appended token.
-
-        A row that rolls back re-feeds the token before its new ones, so that every new token's
-        predicting logits come out of this same forward.
-        """
+    def _extend(self, c: BatchedContext, rows, side: str, updates: dict, score: bool) -> dict[int, torch.Tensor]:
+        """Roll back and append per row; with ``score``, per row the logits [len(append), V] predicting
+        each appended token (a row that rolls back re-feeds the token before its new ones, so that
+        every new token's predicting logits come out of this same forward)."""
         appends = [[] for _ in rows]
         refed = set()
         for b, upd in updates.items():
@@ -394,74 +372,17 @@ class RSDEngine:
             else:
                 appends[b] = list(upd.append)
         need = score and any(appends)
-        prev = c.last_logits
+        prev = c.last_logits  # [B, V]: predicts each row's first appended token
         outs = c.extend(appends, scores=need)
         if not need:
             return {}
         lm = self.student if side == STUDENT else self.teacher
-        result = {}
+        preds = {}
         for b, upd in updates.items():
-            if not upd.append:
-                result[b] = ([], [])
-                continue
-            preds = outs[b] if b in refed else torch.cat([prev[b : b + 1], outs[b]], dim=0)
-            preds = fit_vocab(preds, lm.vocab.size).to(self._decision_device)
-            tok = torch.tensor(upd.append, device=preds.device)
-            p = sampling.TokenProbs.acceptance(preds, self.config).at(torch.arange(len(tok), device=preds.device), tok)
-            gates = sampling.in_topk(preds, tok, self.config.k).tolist() if self.config.student_topk_gate else [True] * len(tok)
-            result[b] = (p.tolist(), gates)
-        return result
-
-    def _probe(self, rows, c: BatchedContext, spans: dict[int, Update]) -> dict[int, list[float]]:
-        """Score candidate spans in one batched student forward; keep the KV of the accepted ones.
-
-        Returns the acceptance probability of each span token for the rows whose spans pass.
-        """
-        saved = c.checkpoint(list(spans))
-        last = c.last_logits.clone()
-        old_ids = {b: rows[b].ids[STUDENT] for b in spans}
-        for b, su in spans.items():
-            rows[b].ids[STUDENT] = su.apply(old_ids[b])
-        scored = self._extend(c, rows, STUDENT, spans, score=True)
-        ok, undo = {}, {}
-        self.stats["probed"] += len(spans)
-        for b in spans:
-            probs, gates = scored[b]
-            if all(p >= self.config.pth for p in probs) and all(gates):
-                ok[b] = probs
-            else:
-                undo[b] = saved[b]
-            rows[b].ids[STUDENT] = old_ids[b]
-        if undo:
-            c.restore(undo, last)
-        self.stats["probe_accepted"] += len(ok)
-        return ok
-
-    def _trace(self, row: _Row) -> Trace:
-        ids = row.generated()
-        body = ids[:-1] if row.finish == "eos" and ids and ids[-1] in self.student.stop_ids else ids
-        return Trace(
-            index=row.index,
-            text=self.student.vocab.text_of(body),
-            ids=list(ids),
-            records=row.records,
-            finish_reason=row.finish or "length",
-            accepted=row.accepted,
-            decisions=row.decisions,
-            pth=self.config.pth,
-            student_prompt=row.prompts[STUDENT],
-            teacher_prompt=row.prompts[TEACHER] if self.run_teacher else "",
-        )
-
-
-def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """Logits cut (or padded with -inf) to the tokenizer's size: padded embedding rows are never sampled."""
-    if logits.shape[-1] > size:
-        return logits[..., :size]
-    if logits.shape[-1] < size:
-        pad = logits.new_full((*logits.shape[:-1], size - logits.shape[-1]), torch.finfo(logits.dtype).min)
-        return torch.cat([logits, pad], dim=-1)
-    return logits
+            if upd.append:
+                logits = outs[b] if b in refed else torch.cat([prev[b : b + 1], outs[b]], dim=0)
+                preds[b] = fit_vocab(logits, lm.vocab.size).to(self._decision_device)
+        return preds
 
 
 def _take(q: deque, n: int) -> list:

@@ -1,5 +1,5 @@
-"""Sampling as plain functions over explicit tensors: one routine for teacher proposals, student
-fallbacks and plain generation.
+"""Sampling and RSD's acceptance rule as plain functions over explicit tensors: one routine for teacher
+proposals, student fallbacks and plain generation; one for scoring chosen tokens; one rule.
 
 Randomness comes in as uniforms ``u`` (one row of them per sequence, drawn from that sequence's own
 generator), so a sequence's samples do not depend on which batch it shares. Sampling is inverse-CDF
@@ -61,6 +61,36 @@ class TokenProbs:
         return self.logits[rows, ids].float() / self.temperature - self.lse[rows]
 
 
+def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Logits cut (or padded with -inf) to the tokenizer's size: padded embedding rows are never sampled."""
+    if logits.shape[-1] > size:
+        return logits[..., :size]
+    if logits.shape[-1] < size:
+        pad = logits.new_full((*logits.shape[:-1], size - logits.shape[-1]), torch.finfo(logits.dtype).min)
+        return torch.cat([logits, pad], dim=-1)
+    return logits
+
+
+def token_scores(logits: torch.Tensor, ids: torch.Tensor, config: RSDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens ``ids`` [n] predicted by ``logits`` [n, V]: each one's acceptance probability p_s [n]
+    and whether it ranks in the student's top-k [n] (all True without the top-k gate)."""
+    p_s = TokenProbs.acceptance(logits, config).at(torch.arange(len(ids), device=logits.device), ids)
+    gate = in_topk(logits, ids, config.k) if config.student_topk_gate else torch.ones_like(ids, dtype=torch.bool)
+    return p_s, gate
+
+
+def passes(p_s: torch.Tensor, in_gate: torch.Tensor, config: RSDConfig) -> torch.Tensor:
+    """RSD's rule (arXiv 2509.22230, §3), per student token: p_s >= pth (and, with the reference
+    script's gate, a rank in the student's top-k)."""
+    return (p_s >= config.pth) & in_gate
+
+
+def accepts(p_s: torch.Tensor, in_gate: torch.Tensor, config: RSDConfig) -> bool:
+    """A candidate – one student token, or the span of student tokens its text becomes – is accepted
+    iff every one of its tokens passes."""
+    return bool(passes(p_s, in_gate, config).all())
+
+
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draw ids from non-negative ``weights`` [R, V] (need not sum to 1) with uniforms ``u`` [R, m] -> [R, m]."""
     cdf = weights.cumsum(-1)
@@ -117,17 +147,25 @@ def propose(teacher_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig) ->
     return torch.stack(draws, dim=1)
 
 
-def fallback(student_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig) -> torch.Tensor:
-    """The student's own token when the teacher's is rejected (``config.fallback`` picks the rule)."""
+def fallback(student_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's own token when the teacher's is rejected (``config.fallback`` picks the rule).
+    ``excluded`` [R, V]: strict choices already tried and rejected (drawn again without them)."""
     probs = tempered_probs(student_logits, config.temperature)
     if config.fallback == "sample":
         return sample(probs, u, config.top_p)
     if config.fallback == "topk":
         return inverse_cdf(torch.where(topk_mask(student_logits, config.k), probs, 0.0), u[:, :1])[:, 0]
     # strict: only tokens the acceptance rule itself would accept; the argmax if there is none.
-    allowed = acceptance_probs(student_logits, config) >= config.pth
+    allowed = strict_choices(student_logits, config, excluded)
     allowed |= ~allowed.any(-1, keepdim=True) & topk_mask(student_logits, 1)
     return inverse_cdf(torch.where(allowed, probs, 0.0), u[:, :1])[:, 0]
+
+
+def strict_choices(student_logits: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [R, V]: tokens a strict fallback may choose (those that pass), less the ``excluded`` ones."""
+    gate = topk_mask(student_logits, config.k) if config.student_topk_gate else torch.ones_like(student_logits, dtype=torch.bool)
+    allowed = passes(acceptance_probs(student_logits, config), gate, config)
+    return allowed if excluded is None else allowed & ~excluded
 
 
 def uniforms_per_step(config: RSDConfig) -> int:

@@ -14,8 +14,7 @@ import torch
 
 from ..models import LM
 from .context import BatchedContext
-from .engine import fit_vocab
-from .sampling import TokenProbs
+from .sampling import TokenProbs, fit_vocab
 
 MAX_LOGIT_ELEMENTS = 2**26  # 256 MB of float32 logits per chunk
 

@@ -1,0 +1,89 @@
+"""What the engine returns – one :class:`Trace` per prompt, one :class:`TokenRecord` per student token –
+and the per-sequence state it keeps while decoding (:class:`Row`, :class:`Candidate`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..bridges import STUDENT, TEACHER, Pair, Step, Update
+
+@dataclass
+class TokenRecord:
+    id: int
+    source: str  # "teacher" (accepted proposal) or "student" (fallback / student-only)
+    p_s: float | None  # the student's acceptance probability of this token (None without a student model)
+    p_t: float | None = None  # the teacher's probability (temperature 1) of the token it proposed, when 1:1
+
+
+@dataclass
+class Trace:
+    index: int
+    text: str  # generated text, without the final stop token
+    ids: list[int]  # student token ids, including the stop token when the trace ended with one
+    records: list[TokenRecord]
+    finish_reason: str  # "eos", "length" or "stop"
+    accepted: int  # teacher proposals the student accepted
+    decisions: int  # steps where the teacher proposed (rsd mode)
+    pth: float
+    student_prompt: str = ""
+    teacher_prompt: str = ""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.decisions if self.decisions else None
+
+    @property
+    def sub_pth(self) -> int:
+        """Tokens whose student probability is below pth."""
+        return sum(1 for r in self.records if r.p_s is not None and r.p_s < self.pth)
+
+    def to_dict(self, token_stats: bool = False) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "records"}
+        d.update(acceptance_rate=self.acceptance_rate, sub_pth=self.sub_pth, n_tokens=len(self.ids))
+        if token_stats:
+            d["records"] = [asdict(r) for r in self.records]
+        return d
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A token one side offers for one row, pushed on a trial copy of the row's pair."""
+
+    pair: Pair  # the row's pair after the push
+    step: Step  # how both sides' ids change
+    source: str  # TEACHER (a proposal) or STUDENT (its own token)
+    token: int
+    p_s: list[float] | None = None  # acceptance probability of each appended student token, set when scored
+    in_cache: bool = False  # scored by a probe forward whose cache entries stay
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being generated."""
+
+    index: int
+    rng: torch.Generator
+    pair: Pair
+    ids: dict[str, list[int]]  # side -> prompt + generated ids (what that model's context holds)
+    prompt_len: dict[str, int]
+    prompts: dict[str, str]
+    pending: dict[str, Update | None] = field(default_factory=lambda: {TEACHER: None, STUDENT: None})
+    records: list[TokenRecord] = field(default_factory=list)
+    accepted: int = 0
+    decisions: int = 0
+    finish: str | None = None
+
+    def generated(self) -> list[int]:
+        return self.ids[STUDENT][self.prompt_len[STUDENT] :]
+
+    def trace(self, student, pth: float, with_teacher_prompt: bool) -> Trace:
+        """The finished sequence; its text leaves out a final stop token of the ``student`` LM."""
+        ids = self.generated()
+        body = ids[:-1] if self.finish == "eos" and ids and ids[-1] in student.stop_ids else ids
+        return Trace(
+            index=self.index, text=student.vocab.text_of(body), ids=list(ids), records=self.records,
+            finish_reason=self.finish or "length", accepted=self.accepted, decisions=self.decisions, pth=pth,
+            student_prompt=self.prompts[STUDENT], teacher_prompt=self.prompts[TEACHER] if with_teacher_prompt else "",
+        )  # fmt: skip
