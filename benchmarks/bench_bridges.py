@@ -114,7 +114,7 @@ def run_hostile(bridge, prefix: str, run: str, warm_up: str) -> dict:
         pair.push(TEACHER, i)
     ids = src.encode(prefix + run)
     tps, bad, costs = run_ours(bridge, ids)
-    into, at = [], {100: [], 2000: []}
+    at = {100: [], 2000: []}
     pos = -len(prefix)
     for k, i in enumerate(ids):
         pos += len(src.token_bytes[i].decode("utf-8", errors="replace"))

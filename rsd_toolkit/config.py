@@ -37,7 +37,8 @@ class RSDConfig:
     acceptance_probs: str = _f("raw", "Probabilities compared with pth: raw = student softmax at temperature 1 "
                                "(default); tempered = at the sampling temperature.", choices=ACCEPTANCE_PROBS)  # fmt: skip
     fallback: str = _f("sample", "On rejection: sample = 'the student samples its own token' (tempered, top-p); "
-                       "strict = only among tokens with p_s >= pth, so no sub-pth token enters a trace; topk = from "
+                       "strict = only choices whose re-tokenised span passes pth like a teacher proposal (the student draws again; if no choice "
+                       "passes, the least bad one enters, counted in sub_pth); topk = from "
                        "the student's renormalised top-k.", choices=FALLBACKS)  # fmt: skip
     k: int = _f(20, "k of the top-k gate and of the topk fallback (the reference implementation uses 20).")
     student_topk_gate: bool = _f(False, "Also require the teacher token to be in the student's top-k (reference "

@@ -134,3 +134,19 @@ def test_sliding_window_models_are_refused_before_any_forward():
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
     with pytest.raises(UnsupportedModel, match="sliding"):
         BatchedContext(MistralForCausalLM(config), 1)
+
+
+def test_a_probe_of_a_few_rows_computes_only_those_rows():
+    """Scoring one row's span must not run a column of holes for every idle row of the batch."""
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    seqs = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    ctx = BatchedContext(lm.model, 4)
+    ctx.extend([list(s) for s in seqs])
+    ctx.positions = {"real": 0, "computed": 0}
+    out = ctx.extend([[], [20, 21, 22], [], []], scores=True)
+    assert ctx.positions == {"real": 3, "computed": 3}
+    assert out[0] is None and out[1].shape[0] == 2
+    seqs[1] += [20, 21, 22]
+    ctx.extend([[30], [31], [32], [33]])  # the next full step still matches a plain forward on every row
+    for b, s in enumerate(seqs):
+        assert torch.allclose(ctx.last_logits[b], plain_last_logits(lm.model, s + [30 + b]), atol=1e-4)

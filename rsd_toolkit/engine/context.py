@@ -25,6 +25,9 @@ PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the att
 # 149 ms and [16, 3] 211 ms) and the sub-batch computes < 60 % of the padded cells.
 SPLIT_MIN_CELLS = 1024
 SPLIT_BELOW = 0.6
+# When at most this share of the rows append anything (a probe scoring a few rows' spans), only those rows
+# run: a block over the whole batch would compute a column of holes for every idle row.
+FEW_ROWS = 0.5
 
 
 class BatchedContext:
@@ -80,10 +83,19 @@ class BatchedContext:
         With ``scores``, returns per row the logits [len(appends[b]) - 1, V] predicting appended tokens
         2.. (the first token's predictor is the previous ``last_logits``). When a few rows append many
         tokens and the rest one (e.g. a long catch-up), those rows run as a second, smaller forward
-        instead of padding the whole batch to their width.
+        instead of padding the whole batch to their width; when only a few rows append at all, only they run.
         """
         B = self.batch_size
         n = max((len(a) for a in appends), default=0)
+        touched = [b for b, a in enumerate(appends) if a]
+        if 0 < len(touched) <= B * FEW_ROWS:  # e.g. a probe of a few spans: the idle rows compute nothing
+            out_few = self._extend_rows(touched, [appends[b] for b in touched], scores)
+            if not scores:
+                return None
+            out = [None] * B
+            for j, b in enumerate(touched):
+                out[b] = out_few[j]
+            return out
         long = [b for b, a in enumerate(appends) if len(a) > 1]
         if 0 < len(long) < B and B * n >= SPLIT_MIN_CELLS and B + len(long) * n <= SPLIT_BELOW * B * n:
             short = [a if len(a) <= 1 else [] for a in appends]
