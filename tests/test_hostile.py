@@ -387,3 +387,18 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
     blocker.write_text("x")
     r = CliRunner().invoke(cli, ["assets", "fetch"], env={"RSD_CACHE": str(blocker)})
     assert r.exit_code == 2 and "cannot create the cache folder" in r.output and "set RSD_CACHE" in r.output
+
+
+def test_sft_into_a_folder_whose_parents_do_not_exist_yet(files, tmp_path):
+    """--out a/b/c: the folders are made and the lock lives inside OUT; a second writer there is refused."""
+    from rsd_toolkit.traces.store import OutputLock
+
+    out = tmp_path / "a" / "b" / "c"
+    args = ["sft", "--student", files["model"], "--traces", files["traces"], "--out", str(out), "--max-steps", "1",
+            "--batch-size", "1", "--save-steps", "1"]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").exists() and not (out / "rsd_sft.lock").exists()
+    with OutputLock(str(out / "rsd_sft")):
+        r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "is being written by pid" in " ".join(r.output.split())

@@ -43,7 +43,9 @@ def sft(**kw) -> None:
 
     config = SFTConfig(**pick(SFTConfig, kw))
     read_traces(kw["traces"])  # a bad trace file fails before the student loads
-    lock = OutputLock(kw["out"].rstrip("/\\")) if _main_process() else contextlib.nullcontext()
+    if _main_process():  # the lock lives inside OUT (made here, with its parents), released with the run
+        os.makedirs(kw["out"], exist_ok=True)
+    lock = OutputLock(os.path.join(kw["out"], "rsd_sft")) if _main_process() else contextlib.nullcontext()
     try:
         with lock:
             summary = train(kw["student"], kw["traces"], kw["out"], config, trust_remote_code=kw["trust_remote_code"],
