@@ -150,3 +150,104 @@ def test_a_probe_of_a_few_rows_computes_only_those_rows():
     ctx.extend([[30], [31], [32], [33]])  # the next full step still matches a plain forward on every row
     for b, s in enumerate(seqs):
         assert torch.allclose(ctx.last_logits[b], plain_last_logits(lm.model, s + [30 + b]), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_step_matches_the_general_step(arch):
+    """The fixed-shape step (rows padded to a bucket, keys cut to a column chunk, mask and positions as
+    inputs: what a CUDA graph replays) gives the general step's logits, through rollbacks, wide blocks,
+    compaction, rows leaving (a padded bucket) and joining (the buffers grow), and a column-chunk crossing."""
+    lm = tiny_lm("asset:qwen2", arch, seed=3)
+    rng = random.Random(1)
+    V = 5000
+    seqs = [[rng.randrange(V) for _ in range(rng.randint(1, 9))] for _ in range(4)]
+    general, static = BatchedContext(lm.model, 4, static=False), BatchedContext(lm.model, 4, static=True)
+    assert static.static is not None and not static.static.graphs  # on CPU: the same step, eager
+    for ctx in (general, static):
+        ctx.extend([list(s) for s in seqs])
+    for step in range(300):
+        appends = [[rng.randrange(V)] for _ in seqs]
+        if step % 7 == 3:  # some rows roll back and re-feed: the general path
+            for b, seq in enumerate(seqs):
+                r = rng.choice([0, 1, 2]) if len(seq) > 3 else 0
+                if r:
+                    for ctx in (general, static):
+                        ctx.rollback(b, r)
+                    del seq[-r:]
+                    appends[b] = [rng.randrange(V) for _ in range(r + 1)]
+        for seq, a in zip(seqs, appends):
+            seq.extend(a)
+        for ctx in (general, static):
+            ctx.extend(appends)
+            ctx.maybe_compact()
+        if step == 40:  # a row leaves: 3 rows run in a bucket of 4
+            for ctx in (general, static):
+                ctx.select([0, 2, 3])
+            seqs = [seqs[0], seqs[2], seqs[3]]
+        if step == 80:  # two rows join: 5 rows, bucket 8, the buffers grow
+            fresh_seqs = [[rng.randrange(V) for _ in range(6)], [rng.randrange(V)]]
+            for ctx in (general, static):
+                fresh = BatchedContext(lm.model, 2, static=False)
+                fresh.extend([list(s) for s in fresh_seqs])
+                ctx.merge(fresh)
+            seqs += fresh_seqs
+        torch.testing.assert_close(static.last_logits, general.last_logits, atol=1e-4, rtol=1e-4)
+    assert static.static.counts["eager"] > 200  # most steps took the fixed-shape path
+    assert static.valid.shape[1] > 256  # crossed a column chunk
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(static.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_static_buffers_stay_in_place_across_edits():
+    """A captured graph reads raw buffer addresses: steps, rollbacks, compaction and finished rows must
+    write into the same buffers (``SlotCache.buffers`` unchanged), only growth may move them."""
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    ctx = BatchedContext(lm.model, 4, static=True)
+    ctx.extend([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]])
+    ctx.extend([[11], [12], [13], [14]])
+    buffers, pointer = ctx.cache.buffers, ctx.cache.layers[0].k_buf.data_ptr()
+    assert ctx.cache.layers[0].k_buf.shape[2] % ctx.static.shapes.chunk == 0
+    for step in range(30):
+        ctx.extend([[20 + step]] * ctx.batch_size)
+        if step == 5:
+            ctx.rollback(1, 2)
+            ctx.extend([[], [30, 31, 32], [], []])
+        if step == 10:
+            ctx.compact()
+        if step == 15:
+            ctx.select([0, 1, 3])
+    assert ctx.cache.buffers == buffers and ctx.cache.layers[0].k_buf.data_ptr() == pointer
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_with_the_right_logits(monkeypatch, caplog):
+    """Graph capture is checked against an eager run of the same step; a capture that raises or replays
+    different logits switches graphs off for that model and the step's logits are the eager ones."""
+    from rsd_toolkit.engine import static as static_mod
+
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    captured = []
+
+    def faithful(run, pool):  # what a working capture does: replay re-runs the step
+        captured.append(1)
+        return run
+
+    def wrong(run, pool):
+        return lambda: run() + 1.0
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    for capture, broken in ((faithful, False), (wrong, True)):
+        monkeypatch.setattr(static_mod, "cuda_graph", capture)
+        general, graphed = BatchedContext(lm.model, 3, static=False), BatchedContext(lm.model, 3, static=True)
+        graphed.static.graphs = True  # pretend CUDA: the capture function above stands in for torch.cuda
+        for ctx in (general, graphed):
+            ctx.extend([[1, 2, 3], [4, 5], [6]])
+        for step in range(20):
+            for ctx in (general, graphed):
+                ctx.extend([[10 + step], [11], [12]])
+            torch.testing.assert_close(graphed.last_logits, general.last_logits, atol=1e-4, rtol=1e-4)
+        counts = graphed.static.counts
+        if broken:
+            assert counts["failed"] == 1 and not graphed.static.graphs and counts["eager"] == 19
+            assert "CUDA graphs off" in caplog.text
+        else:  # one capture for the (bucket 4, 256 columns) shape, every later step a replay
+            assert counts == {"captured": 1, "replayed": 19} and len(captured) == 1

@@ -199,6 +199,25 @@ def test_batched_equals_batch_size_one():
     assert sources == {"teacher", "student"}  # both branches ran
 
 
+@pytest.mark.parametrize("student_asset", ["asset:qwen2", "asset:llama-bpe"])
+def test_static_step_gives_the_same_traces_as_the_general_step(student_asset):
+    """The fixed-shape decode step (what CUDA graphs replay; eager on CPU) changes no token, source or p_s,
+    on an exact pair and a bridged one, in a batch that shrinks and refills."""
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm(student_asset, "llama", hidden=64, seed=2))
+    cfg = RSDConfig(max_new_tokens=40, pth=0.01)
+    key = lambda t: (t.ids, [r.source for r in t.records], [round(r.p_s, 4) for r in t.records])  # noqa: E731
+    runs = {}
+    for static in (False, True):
+        engine = RSDEngine(teacher, student, cfg, static_step=static)
+        runs[static] = [key(t) for t in engine.generate(PROMPTS, batch_size=3)]
+        if static:
+            assert engine.stats["teacher_static_eager"] > 20 and engine.stats["student_static_eager"] > 20
+        else:
+            assert not any(k.endswith(("_eager", "_replayed")) for k in engine.stats)
+    assert runs[True] == runs[False]
+
+
 # -- across tokenizers -------------------------------------------------------------------------------
 def test_cross_vocabulary_traces_are_canonical_and_respect_pth():
     teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))

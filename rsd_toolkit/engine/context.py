@@ -6,17 +6,17 @@ on the left (holes), which puts every row's newest token in the last column, so 
 serves the whole batch. ``maybe_compact`` gathers the live slots when holes pile up; ``select`` drops rows.
 
 ``extend`` is the only place a model runs: decoding, span scoring and (in ``rsd surprisal``) trace
-scoring all call it.
+scoring all call it. With ``static``, a block of one token per row (the common decode step) runs at fixed
+shapes through ``static.StaticStep``, as a CUDA graph on CUDA; the general path below serves every other block.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 
 from ..models import UnsupportedModel  # noqa: F401 - re-exported by rsd_toolkit.engine
 from .kv import SlotCache
+from .static import StaticShapes, StaticStep, _cache_keyword
 
 
 PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the attention-mask size)
@@ -30,18 +30,31 @@ SPLIT_BELOW = 0.6
 FEW_ROWS = 0.5
 
 
+def static_default(model) -> bool:
+    """The fixed-shape step pays off where kernel launches dominate: on CUDA, as graphs."""
+    return model.get_input_embeddings().weight.device.type == "cuda"
+
+
 class BatchedContext:
-    def __init__(self, model, batch_size: int):
+    """``static``: run one-token-per-row blocks at fixed shapes (default: on CUDA, as CUDA graphs); a
+    ``StaticStep`` to share (contexts merged into this one pass theirs)."""
+
+    def __init__(self, model, batch_size: int, static: bool | StaticStep | None = None):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.cache = SlotCache.for_model(model.config)  # preallocated: appends write in place
+        if static is None:
+            static = static_default(model)
+        if static is True:
+            static = StaticStep(model, StaticShapes(), graphs=self.device.type == "cuda")
+        self.static: StaticStep | None = static or None
+        # preallocated: appends write in place (sized for the static step's buckets when it runs)
+        self.cache = SlotCache.for_model(model.config, self.static.shapes if self.static else None)
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.slots: list[list[int]] = [[] for _ in range(batch_size)]
         self.last_logits: torch.Tensor | None = None  # [B, V]: logits predicting each row's next token
         self.positions = {"real": 0, "computed": 0}  # tokens appended vs block cells computed (padding included)
-        # transformers renamed ``past_key_values`` to ``cache`` during v5
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = _cache_keyword(model)
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +101,9 @@ class BatchedContext:
         B = self.batch_size
         n = max((len(a) for a in appends), default=0)
         touched = [b for b, a in enumerate(appends) if a]
+        if not scores and n == 1 and len(touched) == B and self.static and self.static.shapes.covers(B) and self.valid.shape[1]:
+            self._static_step([a[0] for a in appends])
+            return None
         if 0 < len(touched) <= B * FEW_ROWS:  # e.g. a probe of a few spans: the idle rows compute nothing
             out_few = self._extend_rows(touched, [appends[b] for b in touched], scores)
             if not scores:
@@ -107,6 +123,17 @@ class BatchedContext:
                 out[b] = out_long[j]
             return out
         return self._extend_rows(None, appends, scores)
+
+    def _static_step(self, ids: list[int]) -> None:
+        """Every row appends one token, at fixed shapes (``static.StaticStep``)."""
+        B, past = self.valid.shape
+        positions = torch.tensor([len(s) for s in self.slots], device=self.device)
+        self.last_logits = self.static.step(self.cache, torch.tensor(ids, device=self.device), positions, self.valid)
+        self.valid = torch.cat([self.valid, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
+        for slots in self.slots:
+            slots.append(past)
+        self.positions["real"] += B
+        self.positions["computed"] += self.static.shapes.rows(B)  # padded rows are computed too
 
     def _extend_rows(self, rows: list[int] | None, appends: list[list[int]], scores: bool):
         """One padded block for ``rows`` (``None``: every row); other rows get a column of holes."""

@@ -22,7 +22,8 @@ from ..bridges import STUDENT, TEACHER, Update, make_bridge
 from ..config import RSDConfig
 from ..models import LM
 from . import sampling
-from .context import BatchedContext
+from .context import BatchedContext, static_default
+from .static import StaticShapes, StaticStep
 from .sampling import fit_vocab
 from .trace import Candidate, Row, TokenRecord, Trace
 
@@ -35,7 +36,8 @@ class RSDEngine:
 
     ``teacher`` may be ``None`` in mode ``student``; ``student`` may be ``None`` in mode ``teacher``
     (then traces are in the teacher's tokens and carry no p_s). ``bridge_kind`` forces the pairing
-    (``identical`` / ``remappable`` / ``bridged``); by default the tokenizers decide.
+    (``identical`` / ``remappable`` / ``bridged``); by default the tokenizers decide. ``static_step``: run
+    the one-token-per-row decode step at fixed shapes, as CUDA graphs (default: on CUDA; see ``static.py``).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class RSDEngine:
         config: RSDConfig | None = None,
         bridge_kind: str | None = None,
         overrides: dict | None = None,
+        static_step: bool | None = None,
     ):
         self.config = config = config or RSDConfig()
         if config.mode == "rsd" and (teacher is None or student is None):
@@ -70,6 +73,12 @@ class RSDEngine:
         self.uniforms = sampling.uniforms_per_step(config)
         self.batch_cap: int | None = None  # set when the GPU ran out of memory
         self.stats: Counter = Counter()  # engine events of the last generate(): probed spans, mid-character proposals…
+        # one fixed-shape step per model, kept across batches and calls: its CUDA graphs are reused
+        self.static: dict[str, StaticStep | None] = {}
+        for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
+            on = static_default(lm.model) if static_step is None else static_step
+            graphs = lm.model.get_input_embeddings().weight.device.type == "cuda"
+            self.static[side] = StaticStep(lm.model, StaticShapes(), graphs) if on else None
 
     # -- public ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,6 +90,9 @@ class RSDEngine:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.stats = Counter()
+        for st in self.static.values():
+            if st is not None:
+                st.counts.clear()
         batch_size = min(batch_size, self.batch_cap or batch_size)
         results: list[Trace | None] = [None] * len(prompts)
         todo = deque(range(len(prompts)))
@@ -98,6 +110,9 @@ class RSDEngine:
                 todo = deque(i for i in range(len(prompts)) if results[i] is None)
             if out_of_memory and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # outside the except block: its traceback no longer pins the cache
+        for side, st in self.static.items():
+            for k, v in (st.counts if st is not None else {}).items():
+                self.stats[f"{side}_static_{k}"] += v  # replayed / captured / eager / failed steps
         return results  # type: ignore[return-value]
 
     # -- the loop -------------------------------------------------------------------------------
@@ -149,11 +164,12 @@ class RSDEngine:
         for side, lm, active in ((TEACHER, self.teacher, self.run_teacher), (STUDENT, self.student, self.run_student)):
             if not active:
                 continue
-            fresh = BatchedContext(lm.model, len(new))
+            becomes_ctx = ctx[side] is None or not rows
+            fresh = BatchedContext(lm.model, len(new), static=(self.static[side] or False) if becomes_ctx else False)
             fresh.extend([r.ids[side] for r in new])
             self.stats[f"{side}_prompt_positions"] += fresh.positions["computed"]
             fresh.positions = {"real": 0, "computed": 0}
-            if ctx[side] is None or not rows:
+            if becomes_ctx:
                 ctx[side] = fresh
             else:
                 ctx[side].merge(fresh)
