@@ -127,8 +127,10 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
 
 
 def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: str, mode: str = "rsd",
-                prompts: list[str] | None = None, step_ms: list | None = None) -> tuple[float, dict]:  # fmt: skip
-    engine = RSDEngine(teacher, student, RSDConfig(mode=mode, max_new_tokens=new_tokens))
+                prompts: list[str] | None = None, step_ms: list | None = None,
+                static_step: bool | None = None) -> tuple[float, dict]:  # fmt: skip
+    """RSD tok/s and the run's stats (``static_step``: the engine's default, or forced on/off)."""
+    engine = RSDEngine(teacher, student, RSDConfig(mode=mode, max_new_tokens=new_tokens), static_step=static_step)
     prompts = prompts or [PROMPT] * batch
     if step_ms is not None:  # instrument the step (benchmark only): time per decode step, start vs end of a trace
         step = engine._step
@@ -151,7 +153,28 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
         real, computed = engine.stats.get(f"{side}_real_positions"), engine.stats.get(f"{side}_computed_positions")
         if real:
             info[f"{side}_computed_over_real"] = computed / real
+        steps = {k: engine.stats.get(f"{side}_static_{k}", 0) for k in ("replayed", "captured", "eager", "failed")}
+        if any(steps.values()):  # fixed-shape steps: graph replays over all of them
+            info[f"{side}_static_steps"] = steps
+            info[f"{side}_graph_hit_rate"] = steps["replayed"] / sum(steps.values())
     return tokens / seconds, info
+
+
+@torch.inference_mode()
+def per_model_step_ms(teacher: LM, student: LM, batch: int, device: str, steps: int = 64) -> dict:
+    """Median ms of one decode step (one token per row) of each model alone, through ``BatchedContext`` as
+    the engine runs it (on CUDA: the captured graph), synchronised around each model."""
+    import statistics
+
+    from rsd_toolkit.engine import BatchedContext
+
+    out = {}
+    for side, lm in (("teacher", teacher), ("student", student)):
+        ctx = BatchedContext(lm.model, batch)
+        ctx.extend([lm.prompt(PROMPT, RSDConfig())[1]] * batch)
+        times = [1000 * timed(lambda: ctx.extend([[7]] * batch), device) for _ in range(steps)]
+        out[side] = statistics.median(times[steps // 4 :])  # after capture and warm-up
+    return out
 
 
 def width_cost_ms(lm: LM, batch: int, device: str) -> dict:
@@ -266,10 +289,13 @@ def run_real(args, report: dict) -> None:
         for pair in ("exact", "bridged"):  # warm-up
             two_forward_limit(teacher, exact_student if pair == "exact" else bridged_student, batch, 16, args.device, prompts)
         engine_rate(teacher, exact_student, batch, 16, args.device, prompts=prompts)
-        a = two_forward_limit(teacher, exact_student, batch, n, args.device, prompts)
-        b, b_info = engine_rate(teacher, exact_student, batch, n, args.device, prompts=prompts)
-        a_c = two_forward_limit(teacher, bridged_student, batch, n, args.device, prompts)
-        c, c_info = engine_rate(teacher, bridged_student, batch, n, args.device, prompts=prompts)
+        runs = {"a": [], "b": [], "a_c": [], "c": []}
+        for _ in range(args.repeats):  # interleaved, best of each: noise slows single runs, not the ratios
+            runs["a"].append((two_forward_limit(teacher, exact_student, batch, n, args.device, prompts), None))
+            runs["b"].append(engine_rate(teacher, exact_student, batch, n, args.device, prompts=prompts))
+            runs["a_c"].append((two_forward_limit(teacher, bridged_student, batch, n, args.device, prompts), None))
+            runs["c"].append(engine_rate(teacher, bridged_student, batch, n, args.device, prompts=prompts))
+        (a, _), (b, b_info), (a_c, _), (c, c_info) = (max(runs[k], key=lambda r: r[0]) for k in ("a", "b", "a_c", "c"))
         d = generate_rate(teacher, batch, n, args.device, prompts)
         d_static = generate_rate(teacher, batch, n, args.device, prompts, cache_implementation="static")
         row = {"batch": batch, "new_tokens": n, "a_exact_limit_tok_s": a, "b_exact_tok_s": b, "b_over_a": b / a,
@@ -319,11 +345,12 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=0, help="real: also compare the exact pair at 256 and this many tokens")
     ap.add_argument("--teacher-tokenizer", default="asset:qwen2")
     ap.add_argument("--bridged-student-tokenizer", default="asset:llama-bpe")
+    ap.add_argument("--repeats", type=int, default=1, help="real: measure limit and engine this many times, interleaved; best of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "workload": args.workload, "rows": [],
+        "threads": torch.get_num_threads(), "workload": args.workload, "repeats": args.repeats, "rows": [],
     }  # fmt: skip
     if args.workload == "real":
         run_real(args, report)
@@ -359,7 +386,10 @@ def run_random(args, report: dict) -> None:
                "d_teacher_generate_tok_s": d, "d_teacher_generate_static_tok_s": d_static,
                "b_over_a": b / a, "c_over_own_limit": c / a_c, "c_over_b": c / b, "b_over_d": b / d, "exact": b_info,
                "bridged": c_info, "teacher_forward_ms_by_width": width_cost_ms(teacher, batch, args.device),
-               "student_forward_ms_by_width": width_cost_ms(bridged_student, batch, args.device)}  # fmt: skip
+               "student_forward_ms_by_width": width_cost_ms(bridged_student, batch, args.device),
+               "step_ms_per_model": per_model_step_ms(teacher, student, batch, args.device)}  # fmt: skip
+        if args.device == "cuda":  # what the captured graphs buy: the same exact run with the step eager
+            row["b_exact_eager_step_tok_s"] = engine_rate(teacher, student, batch, n, args.device, static_step=False)[0]
         report["rows"].append(row)
         print(f"batch {batch:3d}: limit {a:8.1f}  exact {b:8.1f} ({b / a:.2f})  bridged {c:8.1f} ({c / a_c:.2f} of its limit)"
               f"  generate {d:8.1f} (exact/generate {b / d:.2f})", file=sys.stderr, flush=True)  # fmt: skip

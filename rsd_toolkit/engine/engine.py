@@ -374,14 +374,18 @@ class RSDEngine:
     def _extend(self, c: BatchedContext, rows, side: str, updates: dict, score: bool) -> dict[int, torch.Tensor]:
         """Roll back and append per row; with ``score``, per row the logits [len(append), V] predicting
         each appended token (a row that rolls back re-feeds the token before its new ones, so that
-        every new token's predicting logits come out of this same forward)."""
+        every new token's predicting logits come out of this same forward). Without ``score`` only a row
+        that appends nothing after its rollback re-feeds: its next-token logits are those of that token."""
         appends = [[] for _ in rows]
         refed = set()
         for b, upd in updates.items():
             ids = rows[b].ids[side]
             if not upd.rollback and not upd.append:
                 continue
-            if upd.rollback:
+            if upd.rollback and not score and upd.append:
+                c.rollback(b, upd.rollback)
+                appends[b] = list(upd.append)
+            elif upd.rollback:
                 c.rollback(b, upd.rollback + 1)
                 appends[b] = ids[len(ids) - len(upd.append) - 1 :]
                 refed.add(b)

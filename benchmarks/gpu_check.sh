@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The engine's GPU checks in one run (~8 min on an H100/H200): the CUDA-graph tests (graph == eager
+# tokens), then the qwen-preset benchmark at batch 1 and 64 (exact and bridged RSD, two-forward limit,
+# teacher-only generate, per-model step ms, graph hit rate). JSON goes to ${OUT:-.}/results_engine_cuda.json.
+set -euo pipefail
+out=${OUT:-.}
+export PYTHONUNBUFFERED=1
+python -m pytest -q tests/test_engine.py tests/test_context.py -k "static or cuda or graph" 2>&1 | tee "$out/gpu_tests.log"
+python benchmarks/bench_engine.py --device cuda --preset qwen --batches 1,64 --json > "$out/results_engine_cuda.json"
+python - "$out/results_engine_cuda.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps(r["targets_met"], indent=2))
+for row in r["rows"]:
+    print(row["batch"], {k: round(v, 3) for k, v in row.items() if isinstance(v, float)},
+          row.get("step_ms_per_model"), row["exact"].get("teacher_graph_hit_rate"))
+PY
