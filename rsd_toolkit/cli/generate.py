@@ -64,6 +64,8 @@ def default_device() -> str:
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
               help="parquet also writes OUT with .parquet (datasets-loadable).")
 @click.option("--force", is_flag=True, help="Start over when OUT was made with other settings (old file kept as .bak-N).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On CUDA, replay the one-token decode step as CUDA graphs (same tokens; off: every step eager).")
 @model_options(device_map="teacher-device-map")
 @dataclass_options(GenerateOptions, rename={"answer_patterns": "answer_pattern"})
 @dataclass_options(RSDConfig)
@@ -109,7 +111,7 @@ def generate(**kw) -> None:
         student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
         from ..engine import RSDEngine
 
-        engine = RSDEngine(teacher, student, config)
+        engine = RSDEngine(teacher, student, config, static_step=None if kw["cuda_graphs"] else False)
         problems, too_long = fit_context(engine, problems)
         if too_long:
             warnings.warn(describe_too_long(too_long, config.max_new_tokens), InputWarning, stacklevel=1)
