@@ -3,6 +3,7 @@ each row's next-token logits equal a plain forward over that row's token sequenc
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -227,14 +228,22 @@ def test_a_failed_graph_capture_falls_back_to_eager_with_the_right_logits(monkey
     lm = tiny_lm("asset:qwen2", "llama", seed=3)
     captured = []
 
-    def faithful(run, pool):  # what a working capture does: replay re-runs the step
+    def faithful(run, pool, stream):  # what a working capture does: replay re-runs the step
         captured.append(1)
         return run
 
-    def wrong(run, pool):
-        return lambda: run() + 1.0
+    def wrong(run, pool, stream):  # a bad graph: wrong logits, and garbage in the column it writes
+        def replay():
+            out = run()
+            for layer in graphed.cache.layers:
+                layer.k_buf.index_fill_(2, layer.static[2], 7.0)
+            return out + 1.0
+
+        return replay
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
     for capture, broken in ((faithful, False), (wrong, True)):
         monkeypatch.setattr(static_mod, "cuda_graph", capture)
         general, graphed = BatchedContext(lm.model, 3, static=False), BatchedContext(lm.model, 3, static=True)

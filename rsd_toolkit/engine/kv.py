@@ -145,11 +145,11 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.static = (rows, columns, at)
 
-    def end_static(self, live_rows: int) -> None:
-        """The static step wrote one column: it is now in use."""
+    def end_static(self, live_rows: int, wrote: bool = True) -> None:
+        """The static step wrote one column: it is now in use (``wrote=False``: the step failed, nothing is)."""
         for layer in self.filled:
             layer.static = None
-            layer.length += 1
+            layer.length += int(wrote)
             layer._view(live_rows)
 
     # -- row and column edits (every layer alike) --------------------------------------------------

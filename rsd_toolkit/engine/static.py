@@ -45,17 +45,20 @@ class StaticShapes:
         return rows <= self.buckets[-1]
 
 
-def cuda_graph(run: Callable[[], torch.Tensor], pool) -> Callable[[], torch.Tensor]:
-    """Capture ``run`` (which reads and writes only tensors that stay in place) as a CUDA graph; returns
-    its replay, giving the same output tensor each time. Warm-up runs once on a side stream, as capture needs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+def cuda_graph(run: Callable[[], torch.Tensor], pool, stream) -> Callable[[], torch.Tensor]:
+    """Capture ``run`` (which reads and writes only tensors that stay in place) as a CUDA graph on
+    ``stream``; returns its replay, giving the same output tensor each time. Warm-up runs once on the same
+    side stream, as capture needs; the outer stream context restores the caller's stream even when
+    capture fails. The output is poisoned with NaN after capture, so a graph that computes nothing fails
+    the caller's check instead of replaying stale logits."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
     with torch.cuda.stream(stream):
         run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = run()
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+    out.fill_(float("nan"))
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -64,10 +67,21 @@ def cuda_graph(run: Callable[[], torch.Tensor], pool) -> Callable[[], torch.Tens
     return replay
 
 
+def graphs_possible(model) -> bool:
+    """CUDA graphs need the whole model on one CUDA device, and a forward that never asks the host for a
+    value (dynamic RoPE scaling checks the longest position on the host)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return False
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
+    return "dynamic" not in kind
+
+
 class StaticStep:
     """One model's fixed-shape step: ``step(cache, ids, positions, valid) -> logits [R, V]``.
 
-    ``graphs``: capture and replay CUDA graphs (CUDA only). A graph is kept per (bucket, columns) while
+    ``graphs``: capture and replay CUDA graphs (only where ``graphs_possible``). A graph is kept per (bucket, columns) while
     the cache's buffers stay where they were (``SlotCache.buffers``). Each new graph is checked once
     against an eager run of the same step. The step writes the same column with the same values, so
     running it twice is harmless. If capture fails or the check disagrees, graphs are switched off for
@@ -77,13 +91,14 @@ class StaticStep:
     def __init__(self, model, shapes: StaticShapes, graphs: bool):
         self.model = model
         self.shapes = shapes
-        self.graphs = graphs
+        self.graphs = graphs and graphs_possible(model)
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.inputs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (rows, columns) -> fixed input tensors
         self.replays: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         self.buffers: tuple[int, ...] = ()  # the cache buffers the graphs were captured on
         self.pool = None
+        self.stream = None  # this model's own capture stream (graphs of two models never share one)
         self.counts: Counter = Counter()
         self._cache_kw = _cache_keyword(model)
 
@@ -117,8 +132,10 @@ class StaticStep:
         cache.begin_static(rows, columns, x["at"])
         try:
             logits = self._run(cache, key, x)
-        finally:
-            cache.end_static(R)
+        except BaseException:
+            cache.end_static(R, wrote=False)
+            raise
+        cache.end_static(R)
         return logits[:R].clone()  # a graph's output tensor is overwritten by its next replay
 
     def _run(self, cache: SlotCache, key, x) -> torch.Tensor:
@@ -133,7 +150,7 @@ class StaticStep:
             self.counts["eager"] += 1
             return forward()
         if cache.buffers != self.buffers:  # buffers moved: graphs captured on the old ones are void
-            self.replays.clear()
+            self._drop_graphs()
             self.buffers = cache.buffers
         replay = self.replays.get(key)
         if replay is not None:
@@ -141,21 +158,31 @@ class StaticStep:
             return replay()
         expected = forward()  # the reference, and the first warm-up
         try:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            replay = cuda_graph(forward, self.pool)
-            got = replay()
-            if not torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):
+            with torch.cuda.device(self.device):
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                    self.stream = torch.cuda.Stream(self.device)
+                replay = cuda_graph(forward, self.pool, self.stream)
+                got = replay()
+            if not torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):  # NaN: nothing captured
                 raise RuntimeError(f"replayed logits differ from eager by {(got.float() - expected.float()).abs().max():.3g}")
+        except torch.cuda.OutOfMemoryError:
+            raise  # the engine halves the batch
         except Exception as e:  # noqa: BLE001 - any capture problem means: stay eager, correctly
-            log.warning("CUDA graphs off for %s (%s): the decode step runs eagerly", type(self.model).__name__, e)
+            cause = f"{e}; {e.__context__}" if e.__context__ else str(e)
+            log.warning("CUDA graphs off for %s (%s): the decode step runs eagerly", type(self.model).__name__, cause)
             self.graphs = False
-            self.replays.clear()
+            self._drop_graphs()
             self.counts["failed"] += 1
-            return expected
+            return forward()  # again, eagerly: a bad replay may have written this column
         self.replays[key] = replay
         self.counts["captured"] += 1
         return got
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph and their pool (a pool is reused only while a graph of it lives)."""
+        self.replays.clear()
+        self.pool = None
 
 
 def _cache_keyword(model) -> str:
