@@ -334,6 +334,12 @@ def run_real(args, report: dict) -> None:
     report["targets_met"] = targets
 
 
+def at_least_one(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -345,7 +351,7 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=0, help="real: also compare the exact pair at 256 and this many tokens")
     ap.add_argument("--teacher-tokenizer", default="asset:qwen2")
     ap.add_argument("--bridged-student-tokenizer", default="asset:llama-bpe")
-    ap.add_argument("--repeats", type=int, default=1, help="real: measure limit and engine this many times, interleaved; best of each")
+    ap.add_argument("--repeats", type=at_least_one, default=1, help="real: measure limit and engine this many times, interleaved; best of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report = {

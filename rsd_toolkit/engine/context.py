@@ -16,7 +16,7 @@ import torch
 
 from ..models import UnsupportedModel  # noqa: F401 - re-exported by rsd_toolkit.engine
 from .kv import SlotCache
-from .static import StaticShapes, StaticStep, _cache_keyword
+from .static import StaticStep, _cache_keyword
 
 
 PREFILL_CHUNK = 1024  # columns per forward when a block is long (bounds the attention-mask size)
@@ -46,7 +46,7 @@ class BatchedContext:
         if static is None:
             static = static_default(model)
         if static is True:
-            static = StaticStep(model, StaticShapes(), graphs=self.device.type == "cuda")
+            static = StaticStep.for_model(model)
         self.static: StaticStep | None = static or None
         # preallocated: appends write in place (sized for the static step's buckets when it runs)
         self.cache = SlotCache.for_model(model.config, self.static.shapes if self.static else None)

@@ -23,7 +23,7 @@ from ..config import RSDConfig
 from ..models import LM
 from . import sampling
 from .context import BatchedContext, static_default
-from .static import StaticShapes, StaticStep
+from .static import StaticStep
 from .sampling import fit_vocab
 from .trace import Candidate, Row, TokenRecord, Trace
 
@@ -77,8 +77,7 @@ class RSDEngine:
         self.static: dict[str, StaticStep | None] = {}
         for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
             on = static_default(lm.model) if static_step is None else static_step
-            graphs = lm.model.get_input_embeddings().weight.device.type == "cuda"
-            self.static[side] = StaticStep(lm.model, StaticShapes(), graphs) if on else None
+            self.static[side] = StaticStep.for_model(lm.model) if on else None
 
     # -- public ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -102,6 +102,11 @@ class StaticStep:
         self.counts: Counter = Counter()
         self._cache_kw = _cache_keyword(model)
 
+    @classmethod
+    def for_model(cls, model) -> "StaticStep":
+        """Default shapes; CUDA graphs wherever ``graphs_possible`` (elsewhere the same step, eager)."""
+        return cls(model, StaticShapes(), graphs=True)
+
     def step(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Append ``ids`` [R] at ``positions`` [R] to every row; ``valid`` [R, past] marks live columns.
         Returns the logits [R, V] predicting each row's next token (a tensor of its own)."""
