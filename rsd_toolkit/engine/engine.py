@@ -21,14 +21,13 @@ import torch
 from ..bridges import STUDENT, TEACHER, Update, make_bridge
 from ..config import RSDConfig
 from ..models import LM
-from . import sampling
+from . import sampling, strict
 from .context import BatchedContext, static_default
 from .static import StaticStep
 from .sampling import fit_vocab
 from .trace import Candidate, Row, TokenRecord, Trace
 
 log = logging.getLogger("rsd_toolkit.engine")
-STRICT_DRAWS = sampling.UNIFORMS_PER_DRAW  # strict fallback choices tried per step (one uniform each)
 
 
 class RSDEngine:
@@ -231,8 +230,12 @@ class RSDEngine:
 
         ``strict``: the choice is judged like a teacher proposal, on the span of student tokens its text
         becomes (a merge with earlier tokens can make a token nobody chose); a rejected choice is excluded
-        and the student draws again, up to ``STRICT_DRAWS`` choices. Last resort, when none passes: the
-        tried choice whose least likely token is the most likely (``stats["strict_last_resort"]``).
+        and the student draws again. When a rejected span re-splits held text (``strict.split_point``), the
+        next choices come from the probe's logits at the choice's own first token: the student's
+        distribution in the canonical context. Draws are sampled while uniforms last, then the most likely
+        untried choice, up to ``strict.MAX_TRIES``. Last resort, when every passing choice of both contexts
+        was tried (or the cap is hit): the tried choice whose least likely token is the most likely; its
+        failing tokens are marked ``TokenRecord.last_resort`` (``stats["strict_last_resort"]``).
         """
         cfg = self.config
         if not rest:
@@ -244,28 +247,64 @@ class RSDEngine:
             return {b: self._trial(rows[b], STUDENT, s) for b, s in zip(rest, picks)}
         decided: dict[int, Candidate] = {}
         tried: dict[int, list[Candidate]] = {b: [] for b in rest}
-        excluded = torch.zeros_like(logits, dtype=torch.bool)  # [R, V_s]
+        excluded = torch.zeros_like(logits, dtype=torch.bool)  # [R, V_s]: choices tried (same push, same span)
+        split: dict[int, torch.Tensor] = {}  # position in ``rest`` -> [V_s] logits of the canonical context
         todo = list(range(len(rest)))  # positions in ``rest``
-        for k in range(STRICT_DRAWS):
+        for k in range(strict.MAX_TRIES):
             idx = torch.tensor(todo, device=logits.device)
-            picks = sampling.fallback(logits[idx], u[idx, k:], cfg, excluded[idx] if k else None).tolist()
+            src = logits[idx].clone()  # [n, V_s]: each row's current source of choices
+            for n, i in enumerate(todo):
+                if i in split and sampling.strict_choices(split[i][None], cfg, excluded[i : i + 1]).any():
+                    src[n] = split[i]
+            col = strict.draw_column(k, sampling.UNIFORMS_PER_DRAW)
+            if col is not None:
+                picks = sampling.fallback(src, u[idx, col:], cfg, excluded[idx] if k else None).tolist()
+            else:
+                allowed = sampling.strict_choices(src, cfg, excluded[idx])
+                picks = strict.most_likely(allowed, sampling.acceptance_probs(src, cfg)).tolist()
             trials = {rest[i]: self._trial(rows[rest[i]], STUDENT, s) for i, s in zip(todo, picks)}
             decided.update(self._score(rows, s_ctx, s_logits, trials, judge=True))
             for i, s in zip(todo, picks):
-                if rest[i] not in decided:
-                    tried[rest[i]].append(trials[rest[i]])
+                b = rest[i]
+                if b not in decided:
+                    tried[b].append(trials[b])
                     excluded[i, s] = True
+                    if i not in split:
+                        found = self._split_logits(rows[b], trials[b])
+                        if found is not None:
+                            split[i] = found
+                            self.stats["strict_split_context"] += 1
             todo = [i for i in todo if rest[i] not in decided]
-            if todo:  # rows with no untried choice left stop here
-                left = sampling.strict_choices(logits[torch.tensor(todo, device=logits.device)], cfg, excluded[todo]).any(-1)
-                todo = [i for i, ok in zip(todo, left.tolist()) if ok]
+            if todo:  # rows with no untried choice left in either context stop here (unavoidable)
+                t_idx = torch.tensor(todo, device=logits.device)
+                own_left = sampling.strict_choices(logits[t_idx], cfg, excluded[t_idx]).any(-1).tolist()
+                todo = [i for i, ok in zip(todo, own_left)
+                        if ok or (i in split and sampling.strict_choices(split[i][None], cfg, excluded[i : i + 1]).any())]  # fmt: skip
             if not todo:
                 break
         for b in rest:
             if b not in decided:
-                decided[b] = max(tried[b], key=lambda c: min(c.p_s, default=1.0))
+                c = strict.last_resort(tried[b], key=lambda c: min(c.p_s, default=1.0))
+                c.last_resort = True
+                decided[b] = c
                 self.stats["strict_last_resort"] += 1
         return decided
+
+    def _split_logits(self, row: Row, c: Candidate) -> torch.Tensor | None:
+        """For a rejected strict choice whose span re-splits the held text: the probe's logits [V_s] at the
+        choice's own first token, when the re-split tokens before it pass (else None)."""
+        su = c.step.student
+        if not su.rollback or c.span_logits is None:
+            return None
+        table = self.student.vocab.token_bytes
+        held = row.ids[STUDENT][len(row.ids[STUDENT]) - su.rollback :]
+        j = strict.split_point([table[i] for i in held], [table[i] for i in su.append])
+        if j is None:
+            return None
+        tok = torch.tensor(su.append[:j], device=c.span_logits.device)
+        if not bool(sampling.passes(*sampling.token_scores(c.span_logits[:j], tok, self.config), self.config).all()):
+            return None
+        return c.span_logits[j]
 
     def _trial(self, row: Row, side: str, token: int) -> Candidate:
         pair = row.pair.copy()
@@ -298,7 +337,7 @@ class RSDEngine:
                 rows[b].ids[STUDENT] = old_ids[b]
                 tok = torch.tensor(su.append, device=s_logits.device)
                 p_s, gates[b] = sampling.token_scores(preds[b], tok, cfg) if su.append else (tok.float(), tok.bool())
-                cands[b].p_s, cands[b].in_cache = p_s.tolist(), True
+                cands[b].p_s, cands[b].in_cache, cands[b].span_logits = p_s.tolist(), True, preds[b]
         enter = {b: c for b, c in cands.items() if not judge or sampling.accepts(torch.tensor(c.p_s), gates[b].cpu(), cfg)}
         if judge and spans:
             self.stats["probed"] += len(spans)
@@ -319,7 +358,8 @@ class RSDEngine:
             row.ids[STUDENT] = su.apply(row.ids[STUDENT])
             if su.rollback:
                 del row.records[len(row.records) - su.rollback :]
-            row.records += [TokenRecord(t, c.source, p) for t, p in zip(su.append, c.p_s or [None] * len(su.append))]
+            row.records += [TokenRecord(t, c.source, p, last_resort=c.last_resort and p is not None and p < self.config.pth)
+                            for t, p in zip(su.append, c.p_s or [None] * len(su.append))]  # fmt: skip
             if b in p_t:
                 row.records[-1].p_t = p_t[b]
             if self.run_student and not c.in_cache:  # probed tokens are in the student's cache already

@@ -15,6 +15,7 @@ class TokenRecord:
     source: str  # "teacher" (accepted proposal) or "student" (fallback / student-only)
     p_s: float | None  # the student's acceptance probability of this token (None without a student model)
     p_t: float | None = None  # the teacher's probability (temperature 1) of the token it proposed, when 1:1
+    last_resort: bool = False  # a sub-pth token let in by the strict fallback's last resort
 
 
 @dataclass
@@ -36,15 +37,25 @@ class Trace:
 
     @property
     def sub_pth(self) -> int:
-        """Tokens whose student probability is below pth."""
-        return sum(1 for r in self.records if r.p_s is not None and r.p_s < self.pth)
+        """Tokens whose student probability is below pth (the stop token that ends a trace included)."""
+        return sub_pth(self.records, self.pth)
+
+    @property
+    def last_resorts(self) -> int:
+        """Sub-pth tokens the strict fallback let in as its last resort (in a strict trace: all of them)."""
+        return sum(1 for r in self.records if r.last_resort)
 
     def to_dict(self, token_stats: bool = False) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "records"}
-        d.update(acceptance_rate=self.acceptance_rate, sub_pth=self.sub_pth, n_tokens=len(self.ids))
+        d.update(acceptance_rate=self.acceptance_rate, sub_pth=self.sub_pth, last_resorts=self.last_resorts, n_tokens=len(self.ids))
         if token_stats:
             d["records"] = [asdict(r) for r in self.records]
         return d
+
+
+def sub_pth(records: list[TokenRecord], pth: float) -> int:
+    """Records whose p_s is below pth (records without a student probability do not count)."""
+    return sum(1 for r in records if r.p_s is not None and r.p_s < pth)
 
 
 @dataclass(eq=False)
@@ -57,6 +68,8 @@ class Candidate:
     token: int
     p_s: list[float] | None = None  # acceptance probability of each appended student token, set when scored
     in_cache: bool = False  # scored by a probe forward whose cache entries stay
+    span_logits: torch.Tensor | None = None  # [len(append), V_s] the probe's logits predicting each appended token
+    last_resort: bool = False  # the strict fallback's last resort (no tried choice passed)
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from ..config import GenerateOptions, RSDConfig
 from ..engine import RSDEngine, Trace
+from ..engine.trace import sub_pth
 from .answers import answers_match, extract_answer
 from .data import Problem
 from .store import TraceFile
@@ -65,7 +66,8 @@ def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: Gener
         "prompt": trace.student_prompt, "text": text, "ids": list(ids), "kind": kind, "correct": bool(good),
         "predicted": verdicts[best][0], "attempts": len(traces), "correct_attempts": sum(ok for _, ok, _ in verdicts),
         "kept_attempts": len(good), "rejected": dict(reasons), "finish_reason": trace.finish_reason,
-        "acceptance_rate": trace.acceptance_rate, "sub_pth": trace.sub_pth, "n_tokens": len(ids),
+        "acceptance_rate": trace.acceptance_rate, "sub_pth": sub_pth(trace.records[: len(ids)], trace.pth),
+        "last_resorts": sum(r.last_resort for r in trace.records[: len(ids)]), "n_tokens": len(ids),
         "teacher": engine.teacher.name, "student": engine.student.name,
     }  # fmt: skip
     if opts.token_stats:
