@@ -140,7 +140,7 @@ def run(problems: int = 8, max_new_tokens: int = 40, batch_size: int = 8, info: 
         engine = RSDEngine(teacher, student, RSDConfig(mode=mode, max_new_tokens=max_new_tokens, seed=0))
         info(f"decoding {len(prompts)} problems: {label} ({engine.kind} bridge)")
         traces = engine.generate(prompts, seeds=seeds, batch_size=batch_size)
-        scored = score_items(student, [TextItem(p.id, p.question, t.text) for p, t in zip(held_out, traces)])
+        scored = score_items(student, [TextItem.of_trace(p.id, p.question, t) for p, t in zip(held_out, traces)])
         stats = summarize(scored, 0.01)
         decisions = sum(t.decisions for t in traces)
         stats["acceptance_rate"] = sum(t.accepted for t in traces) / decisions if decisions else None

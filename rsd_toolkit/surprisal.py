@@ -40,6 +40,15 @@ class TextItem:
     prompt: str | None
     text: str
     fields: dict = field(default_factory=dict)  # passed through: correct, kind, acceptance_rate…
+    # The trace ended with a stop token (EOS / end-of-turn): it is scored too, like every statistic of the
+    # engine counts it (SFT trains on it). None: unknown, decided from ``last_id`` at scoring time.
+    ends_with_stop: bool | None = False
+    last_id: int | None = None  # the record's last token id (the stop token it ended with, when it did)
+
+    @classmethod
+    def of_trace(cls, id: str, prompt: str | None, trace) -> "TextItem":
+        """An engine :class:`~rsd_toolkit.engine.Trace`, scored as the engine counted it (stop token included)."""
+        return cls(id, prompt, trace.text, {}, trace.finish_reason == "eos", trace.ids[-1] if trace.ids else None)
 
 
 @dataclass
@@ -86,8 +95,34 @@ def load_items(
         keep = {k: row[k] for k in ("correct", "kind", "acceptance_rate") if k in row}
         rid = str(row["id"]) if row.get("id") not in (None, "") else str(i)
         prompt = as_text(row[pf], f"{source}: row {i + 1}, field {pf!r},") if pf and row.get(pf) is not None else None
-        items.append(TextItem(rid, prompt, text, keep))
+        items.append(TextItem(rid, prompt, text, keep, *record_stop(row)))
     return items
+
+
+def record_stop(row: dict) -> tuple[bool | None, int | None]:
+    """Whether a trace record ended with its stop token: ``(ends_with_stop, last id)``.
+
+    ``finish_reason == "eos"`` says so (a UPFT prefix never does: it is a cut); without a finish reason
+    the record's ids may end with the student's stop token (decided by the scoring student: None here).
+    """
+    ids = row.get("ids")
+    last = ids[-1] if isinstance(ids, list) and ids and isinstance(ids[-1], int) else None
+    if row.get("kind") == "upft_prefix":
+        return False, last
+    reason = row.get("finish_reason")
+    if reason is not None:
+        return reason == "eos", last
+    return (None if last is not None else False), last
+
+
+def stop_id(lm: LM, item: TextItem) -> int | None:
+    """The stop token scored after ``item``'s text under ``lm`` (None: the trace did not end with one):
+    the record's own stop id when it is one of this student's, else the student's primary stop."""
+    if item.ends_with_stop is None:  # no finish reason: the ids say
+        return item.last_id if item.last_id in lm.stop_ids else None
+    if not item.ends_with_stop:
+        return None
+    return item.last_id if item.last_id in lm.stop_ids else lm.primary_stop
 
 
 def start_ids(lm: LM) -> list[int]:
@@ -105,17 +140,19 @@ def score_items(
     progress: Callable[[int, int], None] | None = None,
     skipped: Counter | None = None,
 ) -> list[ScoredTrace]:
-    """Teacher-forced log p_s of every text token (prompt in the student's chat template, not scored).
+    """Teacher-forced log p_s of every text token (prompt in the student's chat template, not scored),
+    and of the stop token when the trace ended with one (``TextItem.ends_with_stop``).
 
     Empty texts, and texts that with their prompt exceed the student's context (positions it was never
     trained on would score garbage), are dropped and counted in ``skipped`` ("empty", "too_long").
     """
     config = RSDConfig(chat_template=chat_template)
     skipped = skipped if skipped is not None else Counter()
-    skipped["empty"] += sum(not it.text for it in items)
-    items = [it for it in items if it.text]
+    stops = [stop_id(lm, it) for it in items]
+    completions = [lm.vocab.encode(it.text) + ([] if e is None else [e]) for it, e in zip(items, stops)]
+    skipped["empty"] += sum(not c for c in completions)
+    items, completions = [it for it, c in zip(items, completions) if c], [c for c in completions if c]
     prompts = [lm.prompt(it.prompt, config)[1] if it.prompt is not None else start_ids(lm) for it in items]
-    completions = [lm.vocab.encode(it.text) for it in items]
     limit = lm.context_length
     fits = [limit is None or len(p) + len(c) <= limit for p, c in zip(prompts, completions)]
     skipped["too_long"] += fits.count(False)
@@ -244,7 +281,7 @@ def sweep(
         engine = RSDEngine(teacher, student, cfg)
         traces = engine.generate(prompts, seeds=seeds, batch_size=batch_size, progress=on_trace)
         correct = [answers_match(extract_answer(t.text), problems[i // attempts].answer) for i, t in enumerate(traces)]
-        items = [TextItem(f"{problems[i // attempts].id}/{i % attempts}", prompts[i], t.text) for i, t in enumerate(traces)]
+        items = [TextItem.of_trace(f"{problems[i // attempts].id}/{i % attempts}", prompts[i], t) for i, t in enumerate(traces)]
         scored = score_items(student, items, batch_size=batch_size, chat_template=cfg.chat_template)
         stats = summarize(scored, report_pth)
         decisions = sum(t.decisions for t in traces)
