@@ -230,10 +230,12 @@ def main() -> None:
     ap.add_argument("--hostile-only", action="store_true", help="only the hostile-text rows")
     ap.add_argument("--batches", default="1,16,64", help="batch sizes of the push_all rows ('' for none)")
     ap.add_argument("--batch-chars", type=int, default=3000, help="text per row in the batch rows (characters)")
+    ap.add_argument("--hostile-batches", default=None, help="batch sizes (> 1) of the hostile push_all rows (default: --batches)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = machine()
     batches = [int(b) for b in args.batches.split(",") if b]
+    hostile_batches = batches if args.hostile_batches is None else [int(b) for b in args.hostile_batches.split(",") if b]
     text = corpus(args.chars)
     base_text = corpus(args.baseline_chars, seed=1)
     rows = []
@@ -274,7 +276,7 @@ def main() -> None:
             hostile.append(row)
             if not args.json:
                 print(row, file=sys.stderr)
-        for size in [b for b in batches if b > 1]:
+        for size in [b for b in hostile_batches if b > 1]:
             for name in hostile_texts():
                 kinds = [hostile_texts(seed=100 + r)[name] for r in range(size)]  # other content per row
                 streams = [bridge.teacher.encode(prefix + run) for prefix, run in kinds]
