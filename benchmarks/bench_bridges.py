@@ -15,7 +15,17 @@ prose, minified code, base64, digits), after a warm-up run of the same kind (oth
 ``us_per_push_at_100`` / ``_at_2000``: mean cost of the pushes that land 100–300 / 2,000–2,200
 characters into the run (no growth wanted).
 
+``batch`` rows (issue 21): B rows (B = 1, 16, 64), each its own text (the corpus in another line order;
+hostile: the same kind of run with other content), pushed one step at a time through ``push_all`` (one
+call per step, the rows' tokenizer calls grouped): ``pushes_per_s`` (all rows' pushes per wall second),
+``us_cpu_per_step`` (process CPU time per step of B pushes), ``per_row_encode_pushes_per_s`` (the same
+with every tokenizer call made per row, no ``encode_batch_fast``), window-cache misses per push, and
+mismatches (every row checked every 16th step and at the end). Window caches are cleared before every
+timed run (hostile rows: before the warm-up run). The machine (cores, load average) is in the JSON.
+
 Targets (issues 2, 13): 0 mismatches; >= 20,000 pushes/s on one core, hostile text included.
+Targets (issue 21): single push >= 40,000/s on every pair; batch 64 >= 200,000 pushes/s per step-batch on
+2 cores; hostile rows no slower than 2x normal text.
 
     python benchmarks/bench_bridges.py --json
 """
@@ -30,13 +40,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from rsd_toolkit.bridges import SAMPLE_TEXT, TEACHER, load_tokenizer, load_vocab, make_bridge  # noqa: E402
+from rsd_toolkit.bridges import SAMPLE_TEXT, TEACHER, load_tokenizer, load_vocab, make_bridge, push_all  # noqa: E402
+from rsd_toolkit.bridges import vocab as vocab_module  # noqa: E402
 
 PAIRS = [
     ("qwen2", "llama-bpe"),
@@ -87,9 +99,16 @@ def expected_student(bridge, ids: list[int], k: int) -> list[int]:
     return bridge.student.encode(bridge.teacher.committed_text(ids[:k]))
 
 
-def run_ours(bridge, ids, offsets=None):
+def clear_caches(bridge) -> None:
+    bridge.teacher._window_cache.clear()
+    bridge.student._window_cache.clear()
+
+
+def run_ours(bridge, ids, offsets=None, clear: bool = True):
     """Pushes/s (and per-push seconds) of the teacher stream; mismatch rate on a second, untimed pass."""
     bridge.pair().push(TEACHER, ids[0])  # warm-up: per-vocabulary tables are built on first use
+    if clear:
+        clear_caches(bridge)
     pair, costs = bridge.pair(), []
     t0 = time.perf_counter()
     for i in ids:
@@ -109,11 +128,12 @@ def run_hostile(bridge, prefix: str, run: str, warm_up: str) -> dict:
     same kind but other content (``warm_up``) goes first: windows that recur across runs (whitespace)
     are then cached, as they are after the first trace of a batch; random content (digits) is not."""
     src = bridge.teacher
+    clear_caches(bridge)
     pair = bridge.pair()
     for i in src.encode(prefix + warm_up):
         pair.push(TEACHER, i)
     ids = src.encode(prefix + run)
-    tps, bad, costs = run_ours(bridge, ids)
+    tps, bad, costs = run_ours(bridge, ids, clear=False)
     at = {100: [], 2000: []}
     pos = -len(prefix)
     for k, i in enumerate(ids):
@@ -126,6 +146,55 @@ def run_hostile(bridge, prefix: str, run: str, warm_up: str) -> dict:
         "us_per_push_at_100": round(1e6 * sum(at[100]) / max(1, len(at[100])), 1),
         "us_per_push_at_2000": round(1e6 * sum(at[2000]) / max(1, len(at[2000])), 1),
     }  # fmt: skip
+
+
+def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = None, per_row: bool = False) -> dict:
+    """B rows pushed one step at a time through ``push_all``: pushes/s, CPU per step, exactness.
+
+    ``warm``: streams pushed first, untimed, after the caches are cleared (hostile rows: a run of the same
+    kind). ``per_row``: every tokenizer call made alone (``encode_batch_fast`` off), for comparison."""
+    clear_caches(bridge)
+    if warm:
+        for stream in warm:
+            pair = bridge.pair()
+            for i in stream:
+                pair.push(TEACHER, i)
+    saved = vocab_module.BATCH_MIN
+    vocab_module.BATCH_MIN = 1 << 30 if per_row else saved
+    misses = [len(bridge.teacher._window_cache) + len(bridge.student._window_cache)]
+    try:
+        pairs = [bridge.pair() for _ in streams]
+        n = max(map(len, streams))
+        steps = [[(r, s[k]) for r, s in enumerate(streams) if k < len(s)] for k in range(n)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        for step in steps:
+            push_all([pairs[r] for r, _ in step], TEACHER, [t for _, t in step])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        vocab_module.BATCH_MIN = saved
+    misses.append(len(bridge.teacher._window_cache) + len(bridge.student._window_cache))
+    pushes = sum(map(len, streams))
+    out = {"rows": len(streams), "steps": n, "pushes": pushes, "pushes_per_s": round(pushes / wall),
+           "us_cpu_per_step": round(1e6 * cpu / n, 1), "us_cpu_per_push": round(1e6 * cpu / pushes, 2),
+           "cache_misses_per_push": round((misses[1] - misses[0]) / pushes, 4)}  # fmt: skip
+    if per_row:
+        return out
+    pairs, mirrors, bad, checked = [bridge.pair() for _ in streams], [[] for _ in streams], 0, 0
+    for k, step in enumerate(steps):
+        got = push_all([pairs[r] for r, _ in step], TEACHER, [t for _, t in step])
+        for (r, _), st in zip(step, got):
+            mirrors[r] = st.student.apply(mirrors[r])
+            if (k % 16 == 0 or k == len(streams[r]) - 1) and not pairs[r].held:
+                checked += 1
+                bad += mirrors[r] != expected_student(bridge, streams[r], k + 1)
+    out.update(mismatches=bad, checked=checked)
+    return out
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform(), "python": platform.python_version(),
+            "rayon_threads": os.environ.get("RAYON_NUM_THREADS")}  # fmt: skip
 
 
 def run_hf_window(src_tok, dst_tok, src, dst, ids, lookbehind: int = 10):
@@ -159,8 +228,14 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=6000, help="corpus length per pair (characters)")
     ap.add_argument("--baseline-chars", type=int, default=1500, help="corpus length for the slower HF baseline")
     ap.add_argument("--hostile-only", action="store_true", help="only the hostile-text rows")
+    ap.add_argument("--batches", default="1,16,64", help="batch sizes of the push_all rows ('' for none)")
+    ap.add_argument("--batch-chars", type=int, default=3000, help="text per row in the batch rows (characters)")
+    ap.add_argument("--hostile-batches", default=None, help="batch sizes (> 1) of the hostile push_all rows (default: --batches)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    start = machine()
+    batches = [int(b) for b in args.batches.split(",") if b]
+    hostile_batches = batches if args.hostile_batches is None else [int(b) for b in args.hostile_batches.split(",") if b]
     text = corpus(args.chars)
     base_text = corpus(args.baseline_chars, seed=1)
     rows = []
@@ -181,6 +256,17 @@ def main() -> None:
         rows.append(row)
         if not args.json:
             print(row, file=sys.stderr)
+    batch_rows = []
+    for a, b in [] if args.hostile_only else PAIRS:
+        bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+        for size in batches:
+            streams = [bridge.teacher.encode(corpus(args.batch_chars, seed=10 + r)) for r in range(size)]
+            row = {"src": a, "dst": b, "kind": bridge.kind, "text": "corpus", "batch": size, **run_batch(bridge, streams)}
+            if size > 1:
+                row["per_row_encode_pushes_per_s"] = run_batch(bridge, streams, per_row=True)["pushes_per_s"]
+            batch_rows.append(row)
+            if not args.json:
+                print(row, file=sys.stderr)
     hostile = []
     for a, b in HOSTILE_PAIRS:
         bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
@@ -190,20 +276,44 @@ def main() -> None:
             hostile.append(row)
             if not args.json:
                 print(row, file=sys.stderr)
+        for size in [b for b in hostile_batches if b > 1]:
+            for name in hostile_texts():
+                kinds = [hostile_texts(seed=100 + r)[name] for r in range(size)]  # other content per row
+                streams = [bridge.teacher.encode(prefix + run) for prefix, run in kinds]
+                row = {"src": a, "dst": b, "kind": bridge.kind, "text": name, "batch": size,
+                       **run_batch(bridge, streams, warm=[bridge.teacher.encode(warm[name][0] + warm[name][1])])}  # fmt: skip
+                batch_rows.append(row)
+                if not args.json:
+                    print(row, file=sys.stderr)
     min_tps = min((r["ours_tokens_per_s"] for r in rows), default=None)
     min_hostile = min(r["pushes_per_s"] for r in hostile)
     worst_growth = max(r["us_per_push_at_2000"] / max(r["us_per_push_at_100"], 1e-9) for r in hostile)
+    corpus_at = {(r["src"], r["dst"], r["batch"]): r["pushes_per_s"] for r in batch_rows if r["text"] == "corpus"}
+    hostile_vs_normal = [r["pushes_per_s"] / corpus_at[(r["src"], r["dst"], r["batch"])] for r in batch_rows
+                         if r["text"] != "corpus" and (r["src"], r["dst"], r["batch"]) in corpus_at]  # fmt: skip
+    b64 = [r["pushes_per_s"] for r in batch_rows if r["text"] == "corpus" and r["batch"] == 64 and r["kind"] != "identical"]
     result = {
         "benchmark": "bridges",
         "threads": 1,
+        "machine": {"start": start, "end": machine()},
         "pairs": rows,
         "hostile": hostile,
+        "batch": batch_rows,
+        "min_batch64_pushes_per_s": min(b64, default=None),
+        "min_hostile_over_normal_batched": round(min(hostile_vs_normal), 2) if hostile_vs_normal else None,
+        "max_batch_mismatches": max((r.get("mismatches", 0) for r in batch_rows), default=None),
         "min_ours_tokens_per_s": min_tps,
         "max_ours_mismatch_rate": max((r["ours_mismatch_rate"] for r in rows), default=None),
         "min_hostile_pushes_per_s": min_hostile,
         "max_hostile_mismatch_rate": max(r["mismatch_rate"] for r in hostile),
         "max_cost_ratio_2000_vs_100": round(worst_growth, 2),
         "target": {"ours_mismatch_rate": 0, "ours_tokens_per_s": 20000, "hostile_pushes_per_s": 20000},
+        "target_issue21": {"single_push_per_s": 40000, "batch64_pushes_per_s": 200000, "hostile_over_normal": 0.5},
+        "target_issue21_met": {
+            "single_push": min_tps is not None and min(r["ours_tokens_per_s"] for r in rows if r["kind"] != "identical") >= 40000,
+            "batch64": bool(b64) and min(b64) >= 200000,
+            "hostile": bool(hostile_vs_normal) and min(hostile_vs_normal) >= 0.5,
+        },
         "target_met": (min_tps is None or min_tps >= 20000) and min_hostile >= 20000
         and all(r["ours_mismatch_rate"] == 0 for r in rows) and all(r["mismatch_rate"] == 0 for r in hostile),
     }

@@ -149,6 +149,7 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
     info = {"kind": engine.kind, "tokens": tokens, "acceptance": accepted / decisions if decisions else None,
             "acceptance_per_row": [round(t.acceptance_rate, 3) if t.acceptance_rate is not None else None for t in out],
             **{k: v / tokens for k, v in engine.stats.items()}}  # fmt: skip
+    info["bridge_share"] = engine.stats.get("bridge_s", 0.0) / seconds  # pushes into the pairs / the whole run
     for side in ("teacher", "student"):
         real, computed = engine.stats.get(f"{side}_real_positions"), engine.stats.get(f"{side}_computed_positions")
         if real:
@@ -304,7 +305,8 @@ def run_real(args, report: dict) -> None:
                "exact": b_info, "bridged": c_info}  # fmt: skip
         report["rows"].append(row)
         print(f"batch {batch}: exact {b:.1f} tok/s = {b / a:.2f} of its limit {a:.1f}; bridged {c:.1f} = {c / a_c:.2f} "
-              f"of its limit {a_c:.1f}; acceptance exact {b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}",
+              f"of its limit {a_c:.1f}; acceptance exact {b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}; "
+              f"bridge {c_info['bridge_share']:.1%} of the bridged run",
               file=sys.stderr, flush=True)  # fmt: skip
     if args.long_tokens:
         batch = 16 if 16 in [r["batch"] for r in report["rows"]] else report["rows"][-1]["batch"]

@@ -5,6 +5,7 @@ ids, partial UTF-8 pieces and byte-fallback ids, and special tokens. After every
 must equal that side's canonical encoding of the committed shared text, segment by segment (a holding
 side: of the text before the unfinished character, then its raw ids), and the returned Updates must
 replay to exactly those ids. The expected ids are computed from scratch (``expected``), not incrementally.
+The same fuzz runs on ``push_all``, the engine's batched path (``path="batched"``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rsd_toolkit.bridges import NO_TOKEN, STUDENT, TEACHER, classify, load_vocab, make_bridge
+from rsd_toolkit.bridges import NO_TOKEN, STUDENT, TEACHER, classify, load_vocab, make_bridge, push_all
 
 # Pieces that stress tokenizers: LaTeX, code, CJK, emoji (multi-byte, ZWJ, skin tone), combining marks,
 # whitespace runs, digits, punctuation followed by newlines; and long runs without a space.
@@ -82,11 +83,25 @@ def expected(bridge, pushes: list[tuple[str, int]]) -> dict[str, list[int]]:
     return out
 
 
-def run_moves(bridge, pool, text: str, plan) -> None:
+LAGS = (1, 2, 3, 5, 8)  # batched path: the other rows are the pair's states this many pushes back
+
+
+def push_in_batch(pair, history: list, side: str, token: int):
+    """The push as one row of a ``push_all`` batch whose other rows are earlier states of the same pair
+    (other windows in the same tokenizer calls); each of them must get the Step a single push gives."""
+    history.append(pair.copy())
+    others = [history[-1 - lag].copy() for lag in LAGS if lag < len(history) and history[-1 - lag].may_push(side)]
+    singles = [other.copy().push(side, token) for other in others]
+    steps = push_all([pair, *others], side, [token] * (1 + len(others)))
+    assert steps[1:] == singles
+    return steps[0]
+
+
+def run_moves(bridge, pool, text: str, plan, path: str = "single") -> None:
     vocabs = {TEACHER: bridge.teacher, STUDENT: bridge.student}
     streams = {s: vocabs[s].encode(text) for s in vocabs}
     cursor = {TEACHER: 0, STUDENT: 0}
-    pair, mirror, pushes = bridge.pair(), {TEACHER: [], STUDENT: []}, []
+    pair, mirror, pushes, history = bridge.pair(), {TEACHER: [], STUDENT: []}, [], []
     for side, source, k in plan:
         if not pair.may_push(side):
             with pytest.raises(RuntimeError):
@@ -99,7 +114,7 @@ def run_moves(bridge, pool, text: str, plan) -> None:
             token = pool[side][source][k % len(pool[side][source])]
         else:
             token = k % vocabs[side].size
-        step = pair.push(side, token)
+        step = pair.push(side, token) if path == "single" else push_in_batch(pair, history, side, token)
         pushes.append((side, token))
         mirror = {TEACHER: step.teacher.apply(mirror[TEACHER]), STUDENT: step.student.apply(mirror[STUDENT])}
         assert mirror == expected(bridge, pushes), f"after {pushes} (text {text!r})"
@@ -116,8 +131,9 @@ PAIRS = [
 ]
 
 
+@pytest.mark.parametrize("path", ["single", "batched"])
 @pytest.mark.parametrize("a,b,kind", PAIRS, ids=[f"{a}<->{b}" for a, b, _ in PAIRS])
-def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, vocab, qwen2_think_dir):
+def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, path, vocab, qwen2_think_dir):
     named = lambda n: load_vocab(str(qwen2_think_dir)) if n == "qwen2+think" else vocab(n)  # noqa: E731
     teacher, student = named(a), named(b)
     assert classify(teacher, student) == kind and classify(student, teacher) == kind
@@ -127,7 +143,7 @@ def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, vocab, qwen2_t
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(text=texts, plan=moves)
     def prop(text, plan):
-        run_moves(bridge, pool, text, plan)
+        run_moves(bridge, pool, text, plan, path)
 
     prop()
 

@@ -7,6 +7,7 @@ whose ``pair()`` keeps one sequence's teacher and student ids in step (``Pair.pu
 """
 
 from .compat import SAMPLE_TEXT, CompatReport, analyse, classify, make_bridge
+from .batch import push_all
 from .bridge import KINDS, Bridge
 from .incremental import IncrementalEncoder, Update
 from .loading import TokenizerLoadError, load_tokenizer
@@ -34,5 +35,5 @@ def load_vocab(spec: str, trust_remote_code: bool = False, model_vocab_size: int
 __all__ = [
     "KINDS", "NO_TOKEN", "SAMPLE_TEXT", "STUDENT", "TEACHER", "Bridge", "CompatReport", "IncrementalEncoder", "Pair",
     "Step", "TokenizerLoadError", "UnsupportedTokenizer", "Update", "Vocab", "analyse", "classify", "load_tokenizer",
-    "load_vocab", "make_bridge",
+    "load_vocab", "make_bridge", "push_all",
 ]  # fmt: skip

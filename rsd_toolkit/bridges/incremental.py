@@ -22,7 +22,9 @@ Special tokens that the bridge maps by role are hard segment boundaries: nothing
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .vocab import Vocab
 
@@ -52,6 +54,31 @@ class Update:
     def apply(self, ids: list[int]) -> list[int]:
         """Return ``ids`` updated (a new list)."""
         return ids[: len(ids) - self.rollback] + self.append
+
+
+class Encode(NamedTuple):
+    """One tokenizer call an encoder needs: ``vocab.encode(text)`` (``whole``: a segment from its start,
+    dummy prefix included) or ``vocab.encode_continuation(text)`` (a window inside a segment)."""
+
+    vocab: Vocab
+    text: str
+    whole: bool
+
+    def run(self) -> Sequence[int]:
+        return self.vocab.encode(self.text) if self.whole else self.vocab.encode_window(self.text)
+
+
+Steps = Generator[Encode, Sequence[int], Any]
+
+
+def drive(steps: Steps) -> Any:
+    """Run a generator of :class:`Encode` requests one at a time; its return value."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(request.run())
+    except StopIteration as stop:
+        return stop.value
 
 
 class IncrementalEncoder:
@@ -91,32 +118,76 @@ class IncrementalEncoder:
 
     def push_text(self, text: str) -> Update:
         """Append text; re-encode from a cut and report the difference."""
+        return drive(self.push_text_steps(text))
+
+    def push_text_steps(self, text: str) -> Steps:
+        """:meth:`push_text` as a generator: yields each :class:`Encode` it needs, is sent its ids, returns
+        the Update. ``Pair.push`` drives it directly; ``push_all`` drives a whole batch's at once, so the
+        encodes of one step go to each tokenizer together (the same code either way, hence the same ids).
+
+        The window is the smallest one the cuts allow: when the new text starts a stable cut (a space or
+        tab after a non-space) only the new text is encoded and nothing is rolled back; when the latest
+        cut is stable, the window starts there (no check needed); otherwise two cuts back, checked.
+        """
         if not text:
             return Update()
-        lead = self._raw_len - len(self._text)  # dummy-prefix bytes the tokens carry before the text
-        if self._unicode_form:
+        buf, ends, ids, vocab = self._text, self._ends, self.ids, self.vocab
+        lead = self._raw_len - len(buf)  # dummy-prefix bytes the tokens carry before the text
+        old_len = len(buf)
+        junction = bool(ends) and text[0] in " \t" and vocab.cut_flags[1][ids[-1]] and self._word_before(old_len)
+        if self._unicode_form and not (text.isascii() and (not buf or buf[-1] < 0x80)):
             self._append_normalized(text)
+            text = None  # the appended text may differ: read it back from the buffer
         else:
-            self._text += text.encode()
-        later, c = None, 0
+            buf += text.encode()
+        if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
+            window = text if text is not None else bytes(buf[old_len:]).decode()
+            if vocab.strip_window and window[:1] == " ":
+                window = window[1:]  # the normaliser prepends the dummy space again
+            new_tail = vocab._window_cache.get(window)
+            if new_tail is None:
+                new_tail = yield Encode(vocab, window, False)
+            update = Update(0, list(new_tail))
+            self._extend(update.append)
+            return update
+        c = self._last_stable
+        if c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
+            # the latest cut is stable: encode from it, no check
+            window = bytes(buf[ends[c - 1] - lead :]).decode()
+            if vocab.strip_window and window[:1] == " ":
+                window = window[1:]
+            new_tail = vocab._window_cache.get(window)
+            if new_tail is None:
+                new_tail = yield Encode(vocab, window, False)
+            return self._splice(self._seg0 + c, new_tail)
+        later, c, new_tail = None, 0, None
         for tries, cut in enumerate(self._cuts(lead)):  # latest first
-            if later is not None:
+            if later is None:
+                if cut and self._stable(cut) and self._word_before(ends[cut - 1] - lead):  # needs no check
+                    c, new_tail = cut, (yield self._encode_from(cut, lead))
+                    break
+            else:
                 c = cut if tries <= MAX_TRIES else 0
-                new_tail = self._encode_from(c, lead)
+                new_tail = yield self._encode_from(c, lead)
                 checked = later - c  # the tokens between two cuts must re-encode to what we had
                 start = self._seg0 + c
-                if c == 0 or new_tail[:checked] == self.ids[start : start + checked]:
+                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked]:
                     break
             later = cut
         else:
-            c, new_tail = 0, self._encode_from(0, lead)
-        old_tail = self.ids[self._seg0 + c :]
+            c, new_tail = 0, (yield self._encode_from(0, lead))
+        return self._splice(self._seg0 + c, new_tail)
+
+    def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
+        """Replace ids[start:] by ``new_tail``; the Update keeps their common prefix."""
+        ids = self.ids
+        n_old = len(ids) - start
+        limit = min(n_old, len(new_tail))
         lcp = 0
-        limit = min(len(old_tail), len(new_tail))
-        while lcp < limit and old_tail[lcp] == new_tail[lcp]:
+        while lcp < limit and ids[start + lcp] == new_tail[lcp]:
             lcp += 1
-        update = Update(len(old_tail) - lcp, new_tail[lcp:])
-        self._replace_tail(self._seg0 + c + lcp, update.append)
+        update = Update(n_old - lcp, list(new_tail[lcp:]))
+        self._replace_tail(start + lcp, update.append)
         return update
 
     # -- internals -----------------------------------------------------------------------------------
@@ -173,6 +244,19 @@ class IncrementalEncoder:
         j = self._seg0 + i
         return bool(starts[self.ids[j]] and ends[self.ids[j - 1]])
 
+    def _word_before(self, pos: int) -> bool:
+        """The text's character ending at byte ``pos`` is not whitespace: a space or tab after it is a
+        cut that needs no check. (The token flags read bytes: a no-break space would pass them, and a
+        regex ``\\s+`` can take it together with the space after it.)"""
+        buf = self._text
+        if pos <= 0:
+            return False
+        last = buf[pos - 1]
+        if last < 0x80:
+            return last not in b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+        ch = bytes(buf[max(0, pos - 4) : pos]).decode(errors="ignore")[-1:]
+        return bool(ch) and not ch.isspace()
+
     def _in_long_run(self) -> bool:
         """No stable cut in the last ``RUN_BYTES`` bytes of a segment at least that long."""
         ends = self._ends
@@ -190,14 +274,29 @@ class IncrementalEncoder:
         ch = bytes(self._text[pos : pos + 4]).decode(errors="ignore")[:1]
         return bool(ch) and not unicodedata.combining(ch)
 
-    def _encode_from(self, c: int, lead: int) -> list[int]:
-        """Canonical ids of the segment's text from token index ``c`` on (``c`` is a cut or 0)."""
+    def _encode_from(self, c: int, lead: int) -> "Encode":
+        """The encode giving the segment's canonical ids from token index ``c`` on (``c`` is a cut or 0)."""
         if c == 0:
-            return self.vocab.encode(bytes(self._text).decode())
+            return Encode(self.vocab, bytes(self._text).decode(), True)
         window = bytes(self._text[self._ends[c - 1] - lead :]).decode()
         if self.vocab.strip_leading_space and window.startswith(" ") and not self.vocab.continues_exactly:
             window = window[1:]  # the normaliser prepends the dummy space again
-        return self.vocab.encode_continuation(window)
+        return Encode(self.vocab, window, False)
+
+    def _extend(self, new_ids: list[int]) -> None:
+        """``_replace_tail(len(ids), new_ids)``: nothing rolled back."""
+        ends, table = self._ends, self.vocab.token_bytes
+        starts, words = self.vocab.cut_flags
+        raw, prev = self._raw_len, (self.ids[-1] if len(self.ids) > self._seg0 else None)
+        rel = len(ends)
+        for k, i in enumerate(new_ids):
+            raw += len(table[i])
+            ends.append(raw)
+            if prev is not None and starts[i] and words[prev]:
+                self._last_stable = rel + k
+            prev = i
+        self._raw_len = raw
+        self.ids.extend(new_ids)
 
     def _replace_tail(self, start: int, new_ids: list[int]) -> None:
         del self.ids[start:]

@@ -27,7 +27,7 @@ import codecs
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .incremental import IncrementalEncoder, Update
+from .incremental import IncrementalEncoder, Steps, Update, drive
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -73,18 +73,26 @@ class Pair:
         """Whether ``side`` may add a token now (not while only the other side holds a character)."""
         return not self.held or side in self.held
 
-    def push(self, side: str, token: int) -> Step:
-        """Add one token sampled by ``side``; returns how both sides' ids change."""
-        d = self.bridge.maps[side]
+    def check(self, side: str, token: int) -> None:
+        """Raise (changing nothing) unless ``side`` may push ``token`` now."""
         if not self.may_push(side):
             raise RuntimeError(f"the {OTHER[side]} side is inside a character; only it may add tokens now")
-        if not 0 <= token < d.src.size:
-            raise ValueError(f"token id {token} is outside the {side} vocabulary (size {d.src.size})")
+        if not 0 <= token < self.bridge.maps[side].src.size:
+            raise ValueError(f"token id {token} is outside the {side} vocabulary (size {self.bridge.maps[side].src.size})")
+
+    def push(self, side: str, token: int) -> Step:
+        """Add one token sampled by ``side``; returns how both sides' ids change."""
+        self.check(side, token)
+        return drive(self.push_steps(side, token))
+
+    def push_steps(self, side: str, token: int) -> Steps:
+        """:meth:`push` (after :meth:`check`) as a generator of the encodes it needs (see ``push_all``)."""
+        d = self.bridge.maps[side]
         if self.bridge.keeps_sampled_ids:
             return _step(side, Update(0, [token]), Update(0, d.image_ids(token)))
         mapped = d.specials.get(token)
         if mapped is not None:
-            own, other = self._flush(side)
+            own, other = yield from self._flush(side)
             self._segment_start = True
             return _step(side, own.then(self.enc[side].push_special(token)), other.then(self.enc[OTHER[side]].push_special(mapped)))
         data = d.data(token)
@@ -95,11 +103,13 @@ class Pair:
         text = self._utf8.decode(data)
         unfinished = bool(self._utf8.getstate()[0])
         if not self.held and not unfinished:
-            return _step(side, self.enc[side].push_text(text), self.enc[OTHER[side]].push_text(text))
-        return self._hold(side, token, d.image(token), text, unfinished)
+            own = yield from self.enc[side].push_text_steps(text)
+            other = yield from self.enc[OTHER[side]].push_text_steps(text)
+            return _step(side, own, other)
+        return (yield from self._hold(side, token, d.image(token), text, unfinished))
 
     # -- inside a character --------------------------------------------------------------------------
-    def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Step:
+    def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Steps:
         """A token that starts, continues or finishes a character split across tokens."""
         other = OTHER[side]
         ups = {side: Update(0, [token]), other: Update()}
@@ -110,17 +120,17 @@ class Pair:
             self.held[other].append(image)
             ups[other] = Update(0, [image])
         elif other in self.held:  # no counterpart: the other side drops its raw ids and waits for the text
-            ups[other] = Update(len(self.held.pop(other)), []).then(self.enc[other].push_text(self._held_text))
+            ups[other] = Update(len(self.held.pop(other)), []).then((yield from self.enc[other].push_text_steps(self._held_text)))
         if other not in self.held:
-            ups[other] = ups[other].then(self.enc[other].push_text(text))
+            ups[other] = ups[other].then((yield from self.enc[other].push_text_steps(text)))
         self._held_text += text
         if not unfinished:  # complete: the holding sides' raw ids become the canonical encoding
             for s, raw in self.held.items():
-                ups[s] = ups[s].then(Update(len(raw), [])).then(self.enc[s].push_text(self._held_text))
+                ups[s] = ups[s].then(Update(len(raw), [])).then((yield from self.enc[s].push_text_steps(self._held_text)))
             self.held, self._held_text = {}, ""
         return _step(side, ups[side], ups[other])
 
-    def _flush(self, side: str) -> tuple[Update, Update]:
+    def _flush(self, side: str) -> Steps:
         """Before a segment-closing special: an unfinished character becomes U+FFFD on both sides."""
         if not self.held:
             return Update(), Update()
@@ -128,8 +138,8 @@ class Pair:
         ups = {}
         for s in (side, OTHER[side]):
             if s in self.held:
-                ups[s] = Update(len(self.held[s]), []).then(self.enc[s].push_text(self._held_text + text))
+                ups[s] = Update(len(self.held[s]), []).then((yield from self.enc[s].push_text_steps(self._held_text + text)))
             else:
-                ups[s] = self.enc[s].push_text(text)
+                ups[s] = yield from self.enc[s].push_text_steps(text)
         self.held, self._held_text = {}, ""
         return ups[side], ups[OTHER[side]]

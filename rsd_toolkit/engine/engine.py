@@ -15,10 +15,11 @@ Modes ``teacher`` and ``student`` run the same loop with the decision fixed.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, deque
 import torch
 
-from ..bridges import STUDENT, TEACHER, Update, make_bridge
+from ..bridges import STUDENT, TEACHER, Update, make_bridge, push_all
 from ..config import RSDConfig
 from ..models import LM
 from . import sampling, strict
@@ -186,10 +187,10 @@ class RSDEngine:
         t_logits = self._logits(ctx[TEACHER], self.teacher) if self.run_teacher else None  # [B, V_t]
         if cfg.mode == "student":
             picks = sampling.sample(sampling.tempered_probs(s_logits, cfg.temperature), u[:, split:].to(s_logits.device), cfg.top_p)
-            decided = {b: self._trial(row, STUDENT, s) for (b, row), s in zip(enumerate(rows), picks.tolist())}
+            decided = self._trials(rows, STUDENT, dict(enumerate(picks.tolist())))
         elif cfg.mode == "teacher":
             cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), cfg)[:, 0].tolist()  # [B]
-            decided = {b: self._trial(row, TEACHER, c) for (b, row), c in zip(enumerate(rows), cands)}
+            decided = self._trials(rows, TEACHER, dict(enumerate(cands)))
         else:
             decided = self._rsd(rows, ctx[STUDENT], t_logits, s_logits, u)
         if self.run_student:  # every entering token is scored once (judged candidates already are)
@@ -212,7 +213,7 @@ class RSDEngine:
             rows[b].decisions += 1
         decided: dict[int, Candidate] = {}
         for j in range(cfg.teacher_draws):
-            trials = {b: self._trial(rows[b], TEACHER, cands[b][j]) for b in open_rows}
+            trials = self._trials(rows, TEACHER, {b: cands[b][j] for b in open_rows})
             judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
             self.stats["proposal_mid_character"] += len(trials) - len(judged)
             decided.update(self._score(rows, s_ctx, s_logits, judged, judge=True))
@@ -244,7 +245,7 @@ class RSDEngine:
         u = u[rest].to(s_logits.device)
         if cfg.fallback != "strict":
             picks = sampling.fallback(logits, u, cfg).tolist()
-            return {b: self._trial(rows[b], STUDENT, s) for b, s in zip(rest, picks)}
+            return self._trials(rows, STUDENT, dict(zip(rest, picks)))
         decided: dict[int, Candidate] = {}
         tried: dict[int, list[Candidate]] = {b: [] for b in rest}
         excluded = torch.zeros_like(logits, dtype=torch.bool)  # [R, V_s]: choices tried (same push, same span)
@@ -262,7 +263,7 @@ class RSDEngine:
             else:
                 allowed = sampling.strict_choices(src, cfg, excluded[idx])
                 picks = strict.most_likely(allowed, sampling.acceptance_probs(src, cfg)).tolist()
-            trials = {rest[i]: self._trial(rows[rest[i]], STUDENT, s) for i, s in zip(todo, picks)}
+            trials = self._trials(rows, STUDENT, {rest[i]: s for i, s in zip(todo, picks)})
             decided.update(self._score(rows, s_ctx, s_logits, trials, judge=True))
             for i, s in zip(todo, picks):
                 b = rest[i]
@@ -309,6 +310,15 @@ class RSDEngine:
     def _trial(self, row: Row, side: str, token: int) -> Candidate:
         pair = row.pair.copy()
         return Candidate(pair, pair.push(side, token), side, token)
+
+    def _trials(self, rows: list[Row], side: str, tokens: dict[int, int]) -> dict[int, Candidate]:
+        """``{b: self._trial(rows[b], side, t)}`` as one bridge call for the step (``push_all`` groups the
+        rows' tokenizer calls); its time goes to ``stats["bridge_s"]``."""
+        t0 = time.perf_counter()
+        pairs = [rows[b].pair.copy() for b in tokens]
+        steps = push_all(pairs, side, list(tokens.values()))
+        self.stats["bridge_s"] += time.perf_counter() - t0
+        return {b: Candidate(p, st, side, t) for (b, t), p, st in zip(tokens.items(), pairs, steps)}
 
     def _score(self, rows: list[Row], s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate], judge: bool) -> dict[int, Candidate]:
         """Set p_s of every student token each candidate appends; return the candidates that enter.

@@ -1,0 +1,60 @@
+"""One step's pushes for a whole batch: ``push_all(pairs, side, tokens) -> list[Step]``.
+
+Each :meth:`Pair.push <.pair.Pair.push>` is a generator of the tokenizer calls it needs
+(:class:`~.incremental.Encode`). Here every row's generator runs in lock-step: a round collects one
+request per row still working, answers them per tokenizer together (memoised windows first, then the
+misses in one ``encode_batch_fast`` call), and sends each row its ids. The pushes run exactly the code a
+single push runs, so the Steps are the same; only the tokenizer calls are grouped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .incremental import Encode
+from .pair import Pair, Step
+
+
+def push_all(pairs: Sequence[Pair], side: str, tokens: Sequence[int]) -> list[Step]:
+    """``[pair.push(side, token) for pair, token in zip(pairs, tokens)]`` with the encodes batched.
+
+    ``pairs`` must be distinct objects. Every push is checked before any pair changes (``Pair.check``).
+    """
+    if len(pairs) != len(tokens):
+        raise ValueError(f"{len(pairs)} pairs for {len(tokens)} tokens")
+    for pair, token in zip(pairs, tokens):
+        pair.check(side, token)
+    gens = [pair.push_steps(side, token) for pair, token in zip(pairs, tokens)]
+    out: list[Step | None] = [None] * len(gens)
+    waiting: list[tuple[int, Encode]] = []
+    for k, gen in enumerate(gens):
+        try:
+            waiting.append((k, next(gen)))
+        except StopIteration as stop:
+            out[k] = stop.value
+    while waiting:
+        answers = encode_all([request for _, request in waiting])
+        still = []
+        for (k, _), ids in zip(waiting, answers):
+            try:
+                still.append((k, gens[k].send(ids)))
+            except StopIteration as stop:
+                out[k] = stop.value
+        waiting = still
+    return out  # type: ignore[return-value]
+
+
+def encode_all(requests: Sequence[Encode]) -> list[Sequence[int]]:
+    """Answer encode requests, grouped by tokenizer and kind: one batched call per group."""
+    if len(requests) == 1:
+        return [requests[0].run()]
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for k, r in enumerate(requests):
+        groups.setdefault((id(r.vocab), r.whole), []).append(k)
+    out: list[Sequence[int]] = [()] * len(requests)
+    for (_, whole), ks in groups.items():
+        vocab = requests[ks[0]].vocab
+        texts = [requests[k].text for k in ks]
+        for k, ids in zip(ks, vocab.encode_many(texts) if whole else vocab.encode_windows(texts)):
+            out[k] = ids
+    return out

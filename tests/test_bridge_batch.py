@@ -1,0 +1,53 @@
+"""``push_all``: one step's pushes for a batch of pairs, with the tokenizer calls grouped.
+
+The interleaved fuzz (``test_bridges_properties.py``, ``path="batched"``) checks canonical ids on the
+batched path; here: a batch equals the same pushes made one at a time, a bad push changes no pair, and
+the engine's step time spent in the bridge is counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rsd_toolkit.bridges import STUDENT, TEACHER, make_bridge, push_all
+from rsd_toolkit.bridges.compat import SAMPLE_TEXT
+
+TEXTS = [SAMPLE_TEXT[k * 37 : k * 37 + 300] for k in range(12)] + [" " * 90 + "x", "机器学习" * 20, "0123456789" * 9]
+
+
+@pytest.mark.parametrize("a,b", [("qwen2", "llama-bpe"), ("llama-bpe", "mistral-v1"), ("qwen2", "qwen2")])
+def test_batch_equals_pushes_one_at_a_time(a, b, vocab):
+    bridge = make_bridge(vocab(a), vocab(b))
+    streams = [bridge.teacher.encode(t) for t in TEXTS]
+    batched, single = [bridge.pair() for _ in TEXTS], [bridge.pair() for _ in TEXTS]
+    for k in range(max(map(len, streams))):
+        live = [r for r, s in enumerate(streams) if k < len(s) and batched[r].may_push(TEACHER)]
+        steps = push_all([batched[r] for r in live], TEACHER, [streams[r][k] for r in live])
+        assert steps == [single[r].push(TEACHER, streams[r][k]) for r in live]
+    student_ids = [bridge.student.encode(" ok")[0]] * len(TEXTS)  # and back from the student side
+    assert push_all(batched, STUDENT, student_ids) == [p.push(STUDENT, t) for p, t in zip(single, student_ids)]
+
+
+def test_a_bad_push_changes_no_pair(vocab):
+    bridge = make_bridge(vocab("qwen2"), vocab("llama-bpe"))
+    pairs = [bridge.pair() for _ in range(3)]
+    token = bridge.teacher.encode(" hello")[0]
+    with pytest.raises(ValueError, match="outside the teacher vocabulary"):
+        push_all(pairs, TEACHER, [token, token, bridge.teacher.size])
+    assert [p.enc[TEACHER].ids for p in pairs] == [[], [], []]
+    with pytest.raises(ValueError, match="2 pairs for 1 tokens"):
+        push_all(pairs[:2], TEACHER, [token])
+    assert push_all([], TEACHER, []) == []
+
+
+def test_engine_counts_bridge_time():
+    from conftest import tiny_lm
+
+    from rsd_toolkit.config import RSDConfig
+    from rsd_toolkit.engine import RSDEngine
+
+    teacher, student = tiny_lm("asset:qwen2", "qwen2", hidden=64, seed=1), tiny_lm("asset:llama-bpe", hidden=64, seed=2)
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=6))
+    assert engine.kind == "bridged"
+    engine.generate(["Add 2 and 3.", "Name a colour."], batch_size=2)
+    assert engine.stats["bridge_s"] > 0
