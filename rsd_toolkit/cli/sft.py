@@ -38,21 +38,28 @@ def sft(**kw) -> None:
           --traces traces.jsonl --out qwen3-0.6b-rsd --gradient-checkpointing
       torchrun --nproc_per_node 8 -m rsd_toolkit.cli sft ...   # same, with torchrun
     """
-    from ..sft import read_traces, train
+    from ..sft import precheck_trainable, read_traces, train
     from ..traces.store import OutputLock
+    from .progress import trainer_callback
 
     config = SFTConfig(**pick(SFTConfig, kw))
     read_traces(kw["traces"])  # a bad trace file fails before the student loads
+    precheck_trainable(kw["student"], config, trust_remote_code=kw["trust_remote_code"])  # before OUT exists
+    created = not os.path.exists(kw["out"])
     if _main_process():  # the lock lives inside OUT (made here, with its parents), released with the run
         os.makedirs(kw["out"], exist_ok=True)
     lock = OutputLock(os.path.join(kw["out"], "rsd_sft")) if _main_process() else contextlib.nullcontext()
     try:
         with lock:
             summary = train(kw["student"], kw["traces"], kw["out"], config, trust_remote_code=kw["trust_remote_code"],
-                            info=_info)  # fmt: skip
+                            info=_info, callbacks=[trainer_callback()])  # fmt: skip
     except KeyboardInterrupt:
         err_console.print(f"interrupted: rerun the same command to resume from the last checkpoint in {kw['out']}")
         raise SystemExit(130) from None
+    except BaseException:
+        if created and _main_process():
+            _remove_if_empty(kw["out"])  # a refused run leaves no empty OUT behind
+        raise
     if not _main_process():
         return  # one summary per run, not per process
     if kw["as_json"]:
@@ -75,3 +82,13 @@ def _main_process() -> bool:
 def _info(message: str) -> None:
     if _main_process():
         err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def _remove_if_empty(folder: str) -> None:
+    """Remove an OUT this run created when nothing but its lock file is in it."""
+    with contextlib.suppress(OSError):
+        leftovers = [n for n in os.listdir(folder) if not n.startswith("rsd_sft.lock")]
+        if not leftovers:
+            for name in os.listdir(folder):
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
