@@ -34,7 +34,7 @@ class OutputLock:
     def __init__(self, path: str, what: str = "--out"):
         self.path = path + ".lock"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -134,7 +134,7 @@ class TraceFile:
     def append(self, record: dict) -> None:
         record = {**record, "run": self.run_config}
         line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides, as for open()
         try:
             os.write(fd, line)
             os.fsync(fd)
@@ -159,10 +159,14 @@ def read_records(path: str) -> list[dict]:
 
 def write_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a temporary file beside it, then a rename (no stray
-    temporary left behind, whatever fails)."""
+    temporary left behind, whatever fails).
+
+    The result has the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask; an existing
+    file keeps its mode), not ``mkstemp``'s private 0600: colleagues on a shared machine can read results."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -172,3 +176,14 @@ def write_atomic(path: str, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits a newly written ``path`` should get: an existing file's, else 0o666 & ~umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0)  # the only portable way to read the umask
+    os.umask(mask)
+    return 0o666 & ~mask
