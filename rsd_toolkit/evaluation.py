@@ -19,14 +19,14 @@ from typing import Callable
 
 from .checks import InputError, InputWarning, input_file, number
 from .config import ConfigError
-from .traces.answers import ANSWER_KINDS, extract_for, gsm8k_reference, match_for
+from .traces.answers import ANSWER_KINDS, BOXED_INSTRUCTION, extract_for, gsm8k_reference, match_for
 from .traces.data import DataError, Problem, load_problems, load_rows
 
 BACKENDS = ("hf", "vllm")
 LETTERS = "ABCD"
 INSTRUCTIONS = {
-    "math": "Please reason step by step, and put your final answer within \\boxed{}.",
-    "gsm8k": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "math": BOXED_INSTRUCTION,
+    "gsm8k": BOXED_INSTRUCTION,
     "mc": "Please reason step by step, and put the letter of the correct option within \\boxed{}.",
 }
 
