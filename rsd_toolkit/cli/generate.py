@@ -8,7 +8,6 @@ import time
 import warnings
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import checks
@@ -16,6 +15,7 @@ from ..checks import InputWarning
 from ..config import GenerateOptions, RSDConfig
 from .common import UserError, console, err_console
 from .options import dataclass_options, model_options, output_file_option, pick
+from .progress import Tracker, percent
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -88,7 +88,7 @@ def generate(**kw) -> None:
     """
     from ..models import load_lm, load_pair
     from ..traces.data import load_problems
-    from ..traces.pipeline import describe_too_long, fit_context, run_config
+    from ..traces.pipeline import describe_too_long, fit_context, run_config, with_instruction
     from ..traces.store import OutputLock, TraceFile
 
     rsd_kwargs = pick(RSDConfig, kw)
@@ -98,7 +98,7 @@ def generate(**kw) -> None:
     i, n = parse_shard(kw["shard"])
     out = checks.output_file(shard_path(kw["out"], i, n), "--out")
     problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
-    problems = [p for p in problems if p.index % n == i]
+    problems = with_instruction([p for p in problems if p.index % n == i], opts)
     with OutputLock(out) as lock:  # a second writer is refused before any model loads
         kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
         dataset = {"source": kw["dataset"], "split": kw["split"], "shard": [i, n]}  # --limit may grow between runs
@@ -124,26 +124,24 @@ def _run(engine, problems, store, opts: GenerateOptions, out: str, fmt: str) -> 
     from ..traces.pipeline import generate_traces
 
     skipped = sum(store.done(p.id) for p in problems)
-    stats = {"solved": 0, "unsolved": 0, "attempts": 0, "tokens": 0, "accepted": 0, "decisions": 0, "t0": time.perf_counter()}
-    columns = (TextColumn("[bold]problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn())  # fmt: skip
+    stats = {"solved": 0, "unsolved": 0, "attempts": 0, "accepted": 0, "decisions": 0}
     try:
-        with Progress(*columns, console=err_console, transient=False) as progress:
-            task = progress.add_task("generate", total=len(problems), completed=skipped, info="")
+        with Tracker("generate", len(problems), "problems", completed=skipped) as progress:
+            pending = {"tokens": 0}
 
             def on_trace(trace):
                 stats["attempts"] += 1
-                stats["tokens"] += len(trace.ids)
+                pending["tokens"] += len(trace.ids)
                 stats["accepted"] += trace.accepted
                 stats["decisions"] += trace.decisions
 
             def on_problem(record):
                 stats["solved" if record["correct"] else "unsolved"] += 1
-                rate = stats["tokens"] / max(1e-9, time.perf_counter() - stats["t0"])
-                acc = stats["accepted"] / stats["decisions"] if stats["decisions"] else float("nan")
-                info = (f"solved {stats['solved']} · unsolved {stats['unsolved']} · attempts {stats['attempts']} · "
-                        f"{rate:.0f} tok/s · accept {acc:.0%}")  # fmt: skip
-                progress.update(task, advance=1, info=info)
+                accepted = percent(stats["accepted"] / stats["decisions"]) if stats["decisions"] else None
+                info = [f"solved {stats['solved']}", f"unsolved {stats['unsolved']}", f"attempts {stats['attempts']}",
+                        accepted and f"proposals accepted {accepted}"]  # fmt: skip
+                progress.advance(1, tokens=pending["tokens"], info=info)
+                pending["tokens"] = 0
 
             generate_traces(engine, problems, store, opts, on_problem=on_problem, on_trace=on_trace)
     except KeyboardInterrupt:
