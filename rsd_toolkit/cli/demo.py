@@ -9,7 +9,7 @@ import sys
 import click
 from rich.table import Table
 
-from .common import console, err_console
+from .common import print_table, console, err_console
 from .surprisal import _fmt, _render_coloured
 
 
@@ -58,7 +58,7 @@ def demo(problems: int, max_new_tokens: int, fast: bool, show: int, as_json: boo
     for label, s in stats.items():
         table.add_row(label, str(s["traces"]), str(s["tokens"]), _fmt(s["acceptance_rate"], ".0%"), _fmt(s["sub_pth_ratio"], ".1%"),
                       _fmt(s["mean_surprisal"], ".2f"), _fmt(s["perplexity"], ".1f"), _fmt(s["accuracy"], ".0%"))  # fmt: skip
-    console.print(table)
+    print_table(table)
     console.print("[dim]accepted: teacher proposals the student kept; surprisal: mean -ln p_s (nats)[/]")
     if show:
         console.rule("3. Every token coloured by the student's probability")

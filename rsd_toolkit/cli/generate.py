@@ -13,7 +13,7 @@ from rich.table import Table
 from .. import checks
 from ..checks import InputWarning
 from ..config import GenerateOptions, RSDConfig
-from .common import UserError, console, err_console
+from .common import print_table, UserError, console, err_console
 from .options import dataclass_options, model_options, output_file_option, pick
 from .progress import Tracker, percent
 
@@ -161,7 +161,7 @@ def _summary(out: str, store, skipped: int, stats: dict) -> None:
     table.add_row(str(len(records)), str(sum(r["kind"] == "full" for r in records)),
                   str(sum(r["kind"] == "upft_prefix" for r in records)), str(skipped),
                   f"{sum(acc) / len(acc):.1%}" if acc else "–", str(sum(r["sub_pth"] for r in records)))  # fmt: skip
-    console.print(table)
+    print_table(table)
     rejected: dict[str, int] = {}
     for r in records:
         for k, v in r.get("rejected", {}).items():

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import checks
 from ..sft import SFTConfig
-from .common import console, err_console
+from .common import print_table, console, err_console
 from .options import dataclass_options, pick
 
 
@@ -72,7 +72,7 @@ def sft(**kw) -> None:
     table.add_row(str(summary["examples"]), str(stats.get("full", 0)), str(stats.get("upft_prefix", 0)),
                   str(stats.get("truncated", 0)), str(summary["global_step"]), str(summary["effective_batch"]),
                   "yes" if summary["bf16"] else "no", f"{summary['train_loss']:.4f}")  # fmt: skip
-    console.print(table)
+    print_table(table)
 
 
 def _main_process() -> bool:

@@ -10,15 +10,15 @@ import warnings
 from collections import Counter
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..checks import InputWarning
 from ..config import RSDConfig
-from .common import UserError, console, err_console
+from .common import print_table, UserError, console, err_console
 from .generate import default_device
 from .options import FLOAT, dataclass_options, model_options, pick
+from .progress import Tracker, percent
 
 # (lowest p_s of the bucket, style, legend): how the colour view paints each token
 COLOURS = ((0.5, "green", "p ≥ 0.5"), (0.1, "default", "0.1–0.5"), (None, "yellow", "pth–0.1"), (0.0, "bold white on red", "< pth"))
@@ -64,18 +64,10 @@ def _score(lm, items, kw: dict, what: str):
     """Score with a progress bar on stderr (stdout stays clean for --json)."""
     from ..surprisal import score_items
 
-    columns = (TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task(what, total=sum(1 for it in items if it.text), info="")
-        done = {"tokens": 0}
-
-        def tick(seqs: int, tokens: int) -> None:
-            done["tokens"] += tokens
-            progress.update(task, advance=seqs, info=f"{done['tokens']} tokens")
-
+    with Tracker(what, sum(1 for it in items if it.text), "traces") as progress:
         skipped = Counter()
-        scored = score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"], progress=tick,
-                             skipped=skipped)  # fmt: skip
+        scored = score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"],
+                             progress=lambda seqs, tokens: progress.advance(seqs, tokens=tokens), skipped=skipped)  # fmt: skip
     if skipped["too_long"]:
         warnings.warn(f"{what}: {skipped['too_long']} trace(s) longer than the context of {lm.name} "
                       f"({lm.context_length} tokens with the prompt) were skipped", InputWarning, stacklevel=1)  # fmt: skip
@@ -152,7 +144,7 @@ def _render_report(rep: dict) -> None:
         rows.append(("correct traces", f"{s['accuracy']:.1%}"))
     for name, value in rows:
         table.add_row(name, value, style="bold" if name == "sub-pth ratio" else None)
-    console.print(table)
+    print_table(table)
     if rep["skipped_empty"]:
         console.print(f"[dim]{rep['skipped_empty']} empty traces skipped[/]")
     if rep["skipped_too_long"]:
@@ -169,9 +161,9 @@ def _render_report(rep: dict) -> None:
         lo, hi = b["p_low"], b["p_high"]
         s_lo = -math.log(hi) + 0.0 if hi > 0 else math.inf  # + 0.0: no "-0.00"
         s_hi = -math.log(lo) if lo > 0 else math.inf
-        bar = Text("█" * round(30 * b["count"] / peak), style="red" if b["below_pth"] else "cyan")
+        bar = Text("█" * round(16 * b["count"] / peak), style="red" if b["below_pth"] else "cyan")
         hist.add_row(f"{lo:g}–{hi:g}", f"{s_lo:.2f}–{s_hi:.2f}", str(b["count"]), f"{b['count'] / total:.2%}", bar)
-    console.print(hist)
+    print_table(hist)
     if rep["top_tokens"]:
         top = Table(title="most surprising tokens", show_edge=False)
         for c in ("trace", "pos", "p_s", "context"):
@@ -181,7 +173,7 @@ def _render_report(rep: dict) -> None:
             ctx.append(_visible(t["token"]) or "∅", style="bold white on red")
             ctx.append(_visible(t["after"]), style="dim")
             top.add_row(str(t["trace"]), str(t["position"]), f"{t['p_s']:.2e}", ctx)
-        console.print(top)
+        print_table(top)
 
 
 def _visible(s: str) -> str:
@@ -309,7 +301,7 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     for r in rows:
         table.add_row(r["set"], *((r["student"],) if several else ()), str(r["traces"]), str(r["tokens"]), _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["mean_surprisal"], ".3f"), _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
-    console.print(table)
+    print_table(table)
 
 
 # ----------------------------------------------------------------------------------------- rsd sweep
@@ -368,14 +360,23 @@ def sweep(**kw) -> None:
     teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
     student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
     n_settings = len(pths) + kw["teacher_baseline"]
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("sweep", total=n_settings * len(problems) * kw["attempts"])
+    state = {"accepted": 0, "decisions": 0, "setting": ""}
+
+    def on_setting(label: str) -> None:
+        state.update(accepted=0, decisions=0, setting=label)
+        progress.update(info=[f"setting {label}"])
+
+    def on_trace(trace) -> None:
+        state["accepted"] += trace.accepted
+        state["decisions"] += trace.decisions
+        accepted = percent(state["accepted"] / state["decisions"]) if state["decisions"] else None
+        progress.advance(1, tokens=len(trace.ids), info=[f"setting {state['setting']}", accepted and f"proposals accepted {accepted}"])
+
+    with Tracker("sweep", n_settings * len(problems) * kw["attempts"], "traces") as progress:
         rows = run_sweep(
             teacher, student, problems, pths, config, attempts=kw["attempts"], batch_size=kw["batch_size"],
-            report_pth=kw["report_pth"], include_teacher=kw["teacher_baseline"],
-            on_setting=lambda label: progress.update(task, description=label),
-            on_trace=lambda trace: progress.update(task, advance=1),
+            report_pth=kw["report_pth"], include_teacher=kw["teacher_baseline"], on_setting=on_setting,
+            on_trace=on_trace,
         )  # fmt: skip
     if kw["as_json"]:
         click.echo(json.dumps({"teacher": kw["teacher"], "student": kw["student"], "rows": rows}, ensure_ascii=False))
@@ -386,4 +387,4 @@ def sweep(**kw) -> None:
     for r in rows:
         table.add_row(r["setting"], _fmt(r["acceptance_rate"], ".1%"), f"{r['mean_length']:.0f}", _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
-    console.print(table)
+    print_table(table)
