@@ -120,7 +120,9 @@ def test_generate_writes_one_record_per_problem_and_parquet(model_dir, math_file
     again = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--token-stats"))
     assert again.exit_code == 0 and len(read_records(out)) == len(MATH)  # nothing to do, nothing duplicated
     other = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03"))
-    assert other.exit_code == 2 and "other settings (generate, rsd)" in other.output  # token stats and pth
+    message = " ".join(other.output.split())
+    assert other.exit_code == 2 and "generate.token_stats true → false; rsd.pth 0.01 → 0.03" in message, message
+    assert "kept as " + out + ".bak-1" in message
     forced = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03", "--force", "--limit", "2"))
     assert forced.exit_code == 0 and len(read_records(out)) == 2 and os.path.exists(out + ".bak-1")
 

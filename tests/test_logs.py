@@ -251,3 +251,10 @@ def test_progress_rates_and_missing_statistics():
 
     assert rate(5, 12) == "0.417 tok/s" and rate(2000, 1) == "2,000 tok/s" and rate(153, 10) == "15.3 tok/s"
     assert percent(float("nan")) is None and percent(None) is None and percent(0.517) == "51.7%"
+
+
+def test_blank_tokens_are_named():
+    from rsd_toolkit.cli.surprisal import token_label
+
+    assert token_label("  ") == "⟨2 spaces⟩" and token_label("\n") == "⟨newline⟩" and token_label("") == "⟨empty⟩"
+    assert token_label(" \n\n") == "⟨space 2 newlines⟩" and token_label(" x") == " x"

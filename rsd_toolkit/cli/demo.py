@@ -52,14 +52,15 @@ def demo(problems: int, max_new_tokens: int, fast: bool, show: int, as_json: boo
     render(result["compat"])
     console.rule("2. Traces for the same held-out problems, scored under the student")
     table = Table()
-    table.add_column("made by", no_wrap=True)
-    for c in ("traces", "tokens", "accepted", "p_s<1%", "surprisal", "perplexity", "correct"):
-        table.add_column(c, justify="right", no_wrap=True)
+    table.add_column("made by")
+    for c in ("traces", "tokens", "proposals accepted", "p_s < 1%", "surprisal", "perplexity", "correct"):
+        table.add_column(c, justify="right")
     for label, s in stats.items():
         table.add_row(label, str(s["traces"]), str(s["tokens"]), _fmt(s["acceptance_rate"], ".0%"), _fmt(s["sub_pth_ratio"], ".1%"),
                       _fmt(s["mean_surprisal"], ".2f"), _fmt(s["perplexity"], ".1f"), _fmt(s["accuracy"], ".0%"))  # fmt: skip
     print_table(table)
-    console.print("[dim]accepted: teacher proposals the student kept; surprisal: mean -ln p_s (nats)[/]")
+    console.print("[dim]proposals accepted: accepted / judged teacher proposals, pooled over the set's traces (– teacher-only); "
+                  "surprisal: mean -ln p_s (nats)[/]")
     if show:
         console.rule("3. Every token coloured by the student's probability")
         for label, s in result["sets"].items():

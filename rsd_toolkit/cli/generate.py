@@ -162,6 +162,9 @@ def _summary(out: str, store, skipped: int, stats: dict) -> None:
                   str(sum(r["kind"] == "upft_prefix" for r in records)), str(skipped),
                   f"{sum(acc) / len(acc):.1%}" if acc else "–", str(sum(r["sub_pth"] for r in records)))  # fmt: skip
     print_table(table)
+    console.print("[dim]mean acceptance: the mean over kept traces of each trace's share of teacher proposals the student "
+                  "accepted (– when decoding teacher-only); sub-pth tokens: tokens of the kept traces with p_s < pth. "
+                  "Progress lines pool proposals over every attempt instead (proposals accepted).[/]", highlight=False)  # fmt: skip
     rejected: dict[str, int] = {}
     for r in records:
         for k, v in r.get("rejected", {}).items():

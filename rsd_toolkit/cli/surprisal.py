@@ -170,10 +170,33 @@ def _render_report(rep: dict) -> None:
             top.add_column(c, justify="right" if c in ("pos", "p_s") else "left", overflow="fold")
         for t in rep["top_tokens"]:
             ctx = Text(_visible(t["before"]), style="dim")
-            ctx.append(_visible(t["token"]) or "∅", style="bold white on red")
+            token = token_label(t["token"])
+            if not (console.is_terminal and console.color_system) and token == _visible(t["token"]):
+                token = f"⟦{token}⟧"  # no colour (a log file, NO_COLOR): brackets show which token it is
+            ctx.append(token, style="bold white on red")
             ctx.append(_visible(t["after"]), style="dim")
             top.add_row(str(t["trace"]), str(t["position"]), f"{t['p_s']:.2e}", ctx)
         print_table(top)
+
+
+_BLANKS = {" ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return", "\u00a0": "no-break space"}
+
+
+def token_label(token: str) -> str:
+    """A token as it can be seen: ``⟨2 spaces⟩``, ``⟨newline⟩``, ``⟨empty⟩`` for blank ones, else the text with
+    newlines and tabs shown."""
+    if token == "":
+        return "⟨empty⟩"
+    if token.strip():
+        return _visible(token)
+    names = []
+    for ch in token:
+        name = _BLANKS.get(ch, f"U+{ord(ch):04X}")
+        if names and names[-1][0] == name:
+            names[-1][1] += 1
+        else:
+            names.append([name, 1])
+    return "⟨" + " ".join(f"{n} {name}s" if n > 1 else name for name, n in names) + "⟩"
 
 
 def _visible(s: str) -> str:
@@ -382,9 +405,12 @@ def sweep(**kw) -> None:
         click.echo(json.dumps({"teacher": kw["teacher"], "student": kw["student"], "rows": rows}, ensure_ascii=False))
         return
     table = Table(title=f"{kw['teacher']} → {kw['student']}: {len(problems)} problems x {kw['attempts']}")
-    for c in ("setting", "acceptance", "mean tokens", f"p_s < {kw['report_pth']:g}", "perplexity", "correct"):
+    for c in ("setting", "proposals accepted", "mean tokens", f"p_s < {kw['report_pth']:g}", "perplexity", "correct"):
         table.add_column(c, justify="left" if c == "setting" else "right")
     for r in rows:
         table.add_row(r["setting"], _fmt(r["acceptance_rate"], ".1%"), f"{r['mean_length']:.0f}", _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
     print_table(table)
+    console.print("[dim]proposals accepted: accepted / judged teacher proposals, pooled over every trace of the setting "
+                  "(– teacher-only); mean tokens: student tokens per trace; correct: share of traces whose last "
+                  "\\boxed{} matches.[/]", highlight=False)  # fmt: skip
