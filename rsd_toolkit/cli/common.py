@@ -24,6 +24,9 @@ def print_table(table, out: Console | None = None) -> None:
     for column in table.columns:
         column.overflow = "fold"
         column.no_wrap = False
+        # a word of a header or of a short cell is never broken ("perplexit|y"); long paths still fold
+        words = [w for text in (column.header, *column._cells) if isinstance(text, str) for w in text.split()]
+        column.min_width = max([column.min_width or 0, *(len(w) for w in words if len(w) <= 16)])
     (out or console).print(table)
 
 

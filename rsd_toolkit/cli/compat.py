@@ -25,7 +25,7 @@ def read_text_file(path: str) -> str:
         raise UserError(f"--text {path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
-@click.command()
+@click.command(short_help="Is a tokenizer pair identical, remappable or bridged, and why.")
 @click.argument("teacher")
 @click.argument("student")
 @click.option("--text", "text_file", metavar="FILE", help="Measure fertility/round-trip on this UTF-8 file "

@@ -10,10 +10,11 @@ import click
 from rich.table import Table
 
 from .common import print_table, console, err_console
+from .progress import trainer_callback
 from .surprisal import _fmt, _render_coloured
 
 
-@click.command()
+@click.command(short_help="The whole RSD story offline in about a minute.")
 @click.option("--problems", type=click.IntRange(1, 64), default=8, show_default=True, help="Held-out problems to decode.")
 @click.option("--max-new-tokens", type=click.IntRange(4, 256), default=40, show_default=True, help="Budget per trace.")
 @click.option("--fast", is_flag=True, help="4 problems, 24 tokens (what CI runs).")
@@ -42,7 +43,8 @@ def demo(problems: int, max_new_tokens: int, fast: bool, show: int, as_json: boo
     info = (lambda m: err_console.print(f"[dim]{m}[/]", highlight=False)) if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     # Trainer prints its metrics on stdout while the student is built: keep stdout for the JSON
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        result = lib.run(problems=problems, max_new_tokens=max_new_tokens, info=info)
+        result = lib.run(problems=problems, max_new_tokens=max_new_tokens, info=info,
+                         train_callbacks=[trainer_callback("training the demo student")])
     stats = {label: s["stats"] for label, s in result["sets"].items()}
     if as_json:
         click.echo(json.dumps({"teacher": result["teacher"], "student": result["student"], "bridge": result["compat"].verdict,

@@ -19,7 +19,7 @@ from .options import dataclass_options, model_options, output_file_option, pick
 from .progress import Tracker
 
 
-@click.command("eval")
+@click.command("eval", short_help="pass@1 over k samples on benchmarks; change vs a baseline.")
 @click.option("--model", required=True, help="Model to evaluate: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--benchmark", "benchmarks", required=True, multiple=True,
               help=f"{', '.join(sorted(BENCHMARKS))}, a local .jsonl/.json/.parquet/.csv file, or NAME=FILE (the name "
@@ -41,11 +41,15 @@ def evaluate(**kw) -> None:
     ####; GPQA-Diamond options are shuffled (once per problem) and the answer is a letter.
 
     \b
-    Example:
-      rsd eval --model qwen3-0.6b-rsd --benchmark aime24 --benchmark math500 --samples 8 --out rsd.json
-      rsd eval --model Qwen/Qwen3-0.6B --benchmark aime24 --samples 8 --out base.json
-      rsd eval --model qwen3-0.6b-rsd --benchmark aime24 --samples 8 --compare base.json
-      rsd eval --model M --benchmark test.jsonl --question-field q --answer-field a --kind gsm8k
+    Example (offline: the model of `rsd sft --help` against SmolLM2):
+      echo '{"problem": "What is 2 + 3?", "answer": "5"}' > p.jsonl
+      rsd eval --model asset:smollm2 --benchmark toy=p.jsonl --out base.json
+      rsd eval --model smollm2-rsd --benchmark toy=p.jsonl --compare base.json
+    Hub benchmarks:
+      rsd eval --model Qwen/Qwen3-0.6B --benchmark aime24 \\
+          --benchmark math500 --samples 8 --out base.json
+      rsd eval --model qwen3-0.6b-rsd --benchmark aime24 \\
+          --benchmark math500 --samples 8 --compare base.json
     """
     from ..evaluation import comparable, compare, evaluate as run, load_benchmark, read_results, resolve_benchmark
     from ..traces.store import OutputLock, write_atomic

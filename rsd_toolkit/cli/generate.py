@@ -51,7 +51,7 @@ def default_device() -> str:
     return "cpu"
 
 
-@click.command()
+@click.command(short_help="Problems in, verified RSD traces out (resumable).")
 @click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file.")
@@ -80,10 +80,15 @@ def generate(**kw) -> None:
     One run writes an output at a time: a second run on the same --out is refused.
 
     \b
-    Example:
-      rsd generate --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
-          --dataset simplescaling/s1K-1.1 --out traces.jsonl --attempts 16 --dtype bfloat16
-      torchrun --nproc-per-node 8 -m rsd_toolkit.cli generate ... --out traces.jsonl   # 8 shards
+    Example (offline, after `rsd assets fetch --group smollm2`):
+      echo '{"problem": "What is 2 + 3?", "answer": "5"}' > p.jsonl
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --attempts 2 --max-new-tokens 64
+    The paper's recipe (hub models; torchrun: one shard per GPU):
+      rsd generate --teacher simplescaling/s1.1-7B \\
+          --student Qwen/Qwen3-0.6B --dataset simplescaling/s1K-1.1 \\
+          --out traces.jsonl --attempts 16 --dtype bfloat16
+      torchrun --nproc-per-node 8 -m rsd_toolkit.cli generate ...
       rsd merge traces.jsonl traces.shard*-of-8.jsonl
     """
     from ..models import load_lm, load_pair
@@ -182,7 +187,7 @@ def _write_parquet(out: str, records: list[dict]) -> None:
     err_console.print(f"wrote {path}")
 
 
-@click.command()
+@click.command(short_help="Join the shard files of one `rsd generate` run.")
 @click.argument("out")
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--partial", is_flag=True, help="Merge even when shard files of the run are missing (a warning names them).")
@@ -194,8 +199,12 @@ def merge(out: str, shards: tuple[str, ...], partial: bool, force: bool) -> None
     only when it holds traces of the same run (--force otherwise, keeping it as .bak-N).
 
     \b
-    Example:
-      rsd merge traces.jsonl traces.shard*-of-8.jsonl
+    Example (offline: two shards of the `rsd generate --help` example):
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --shard 0/2 --attempts 2
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --shard 1/2 --attempts 2
+      rsd merge traces.jsonl traces.shard*-of-2.jsonl
     """
     from ..traces.store import OutputLock, read_records, set_aside, write_atomic
 

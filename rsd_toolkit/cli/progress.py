@@ -76,6 +76,10 @@ class Tracker:
         self._stop = threading.Event()
         self._last_line = 0.0
         self._bar: Progress | None = None
+        self._printed: tuple | None = None
+
+    def _state(self) -> tuple:
+        return self.what, self.done, self.total, tuple(self.info), self.tokens
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "Tracker":
@@ -97,8 +101,8 @@ class Tracker:
         if self._bar is not None:
             self._refresh()
             self._bar.stop()
-        elif exc[0] is None:
-            self._line()
+        elif exc[0] is None and self._printed != self._state():
+            self._line()  # the final state, unless the last line already showed it
         return False
 
     def _heartbeat(self) -> None:
@@ -142,6 +146,7 @@ class Tracker:
         with self._lock:
             now = time.monotonic()
             self._last_line = now
+            self._printed = self._state()
             elapsed = now - self.t0
             count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
             count += f" {self.unit}" if self.unit else ""

@@ -15,7 +15,7 @@ from .common import print_table, console, err_console
 from .options import dataclass_options, pick
 
 
-@click.command()
+@click.command(short_help="Fine-tune a student on RSD traces (transformers Trainer).")
 @click.option("--student", required=True, help="Student model to fine-tune: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--traces", required=True, help="Trace file of `rsd generate` (JSONL), made for this student's tokenizer.")
 @click.option("--out", required=True, callback=lambda ctx, p, v: checks.output_folder(v, "--out"),
@@ -32,11 +32,15 @@ def sft(**kw) -> None:
     has them. Rerunning the same command resumes from the last checkpoint in OUT.
 
     \b
-    Example:
+    Example (offline, on the traces of the `rsd generate --help` example):
+      rsd sft --student asset:smollm2 --traces traces.jsonl --out smollm2-rsd \\
+          --max-steps 2
+    The paper's recipe, on one GPU and on eight:
       rsd sft --student Qwen/Qwen3-0.6B --traces traces.jsonl --out qwen3-0.6b-rsd
-      accelerate launch --num_processes 8 -m rsd_toolkit.cli sft --student Qwen/Qwen3-0.6B \\
-          --traces traces.jsonl --out qwen3-0.6b-rsd --gradient-checkpointing
-      torchrun --nproc_per_node 8 -m rsd_toolkit.cli sft ...   # same, with torchrun
+      accelerate launch --num_processes 8 -m rsd_toolkit.cli sft \\
+          --student Qwen/Qwen3-0.6B --traces traces.jsonl \\
+          --out qwen3-0.6b-rsd --gradient-checkpointing
+      torchrun --nproc_per_node 8 -m rsd_toolkit.cli sft ...  # the same
     """
     from ..sft import precheck_trainable, read_traces, train
     from ..traces.store import OutputLock

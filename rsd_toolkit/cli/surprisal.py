@@ -83,7 +83,7 @@ def _fmt(x, spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- rsd surprisal
-@click.command()
+@click.command(short_help="How surprising is a trace set to a student (-ln p_s)?")
 @click.argument("traces")
 @click.option("--student", required=True, help="Student model scoring the traces: hub id, folder, .gguf or asset:smollm2.")
 @click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio (p_s < pth).")
@@ -104,9 +104,10 @@ def surprisal(traces: str, **kw) -> None:
     percentiles, a histogram and the most surprising tokens in context.
 
     \b
-    Example:
-      rsd surprisal --student Qwen/Qwen3-0.6B traces.jsonl --show 2
-      rsd surprisal --student asset:smollm2 data.jsonl --text-field response --json > report.json
+    Example (offline, on the traces of the `rsd generate --help` example):
+      rsd surprisal --student asset:smollm2 traces.jsonl --show 1
+      rsd surprisal --student asset:smollm2 traces.jsonl --json > report.json
+      rsd surprisal --student Qwen/Qwen3-0.6B data.jsonl --text-field response
     """
     from ..surprisal import report
 
@@ -274,7 +275,7 @@ def _plot(scored, pth: float, path: str, title: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- rsd compare
-@click.command()
+@click.command(short_help="Trace sets x students in one table (the paper's Tables 1-2).")
 @click.argument("traces", nargs=-1, required=True)
 @click.option("--student", "students", multiple=True, required=True,
               help="Student(s) scoring every set; repeat for the cross-model transfer view.")
@@ -291,9 +292,13 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     how well RSD data transfers.
 
     \b
-    Example:
-      rsd compare --student Qwen/Qwen3-0.6B teacher.jsonl rsd.jsonl --label teacher --label RSD
-      rsd compare --student Qwen/Qwen3-0.6B --student meta-llama/Llama-3.2-1B rsd_qwen.jsonl rsd_llama.jsonl
+    Example (offline: teacher-only traces beside `rsd generate --help`'s):
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out teacher.jsonl --mode teacher --attempts 2
+      rsd compare --student asset:smollm2 teacher.jsonl traces.jsonl \\
+          --label teacher --label RSD
+      rsd compare --student Qwen/Qwen3-0.6B --student meta-llama/Llama-3.2-1B \\
+          rsd_qwen.jsonl rsd_llama.jsonl
     """
     import os
 
@@ -340,7 +345,7 @@ def _parse_pths(text: str) -> list[float]:
     return pths
 
 
-@click.command()
+@click.command(short_help="Generate at several thresholds and tabulate the statistics.")
 @click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file of problems.")
@@ -363,9 +368,12 @@ def sweep(**kw) -> None:
     student (as `rsd surprisal` does) at --report-pth.
 
     \b
-    Example:
+    Example (offline, on the problem file of `rsd generate --help`):
+      rsd sweep --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --pths 0.1,0.01 --limit 1 --max-new-tokens 32
       rsd sweep --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
-          --dataset simplescaling/s1K-1.1 --pths 0.1,0.03,0.01,0.003 --limit 32 --dtype bfloat16
+          --dataset simplescaling/s1K-1.1 --pths 0.1,0.03,0.01,0.003 \\
+          --limit 32 --dtype bfloat16
     """
     from ..models import load_lm, load_pair
     from ..surprisal import sweep as run_sweep
