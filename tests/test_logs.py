@@ -258,3 +258,28 @@ def test_blank_tokens_are_named():
 
     assert token_label("  ") == "⟨2 spaces⟩" and token_label("\n") == "⟨newline⟩" and token_label("") == "⟨empty⟩"
     assert token_label(" \n\n") == "⟨space 2 newlines⟩" and token_label(" x") == " x"
+
+
+def test_plot_has_integer_ticks_a_short_title_and_one_x_range():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from rsd_toolkit.cli.surprisal import plot_figure
+
+    class Scored:
+        def __init__(self, values):
+            self.values = torch.tensor(values)
+
+        def surprisal(self):
+            return self.values
+
+    teacher, rsd = [Scored([0.1, 5.0, 9.5]), Scored([7.0])], [Scored([0.2, 0.3])]
+    fig = plot_figure([("teacher", teacher), ("RSD", rsd)], 0.01, "surprisal under smollm2")
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    assert low == 0 and high >= 9.5 and ax.get_yscale() == "linear"
+    assert all(float(t).is_integer() for t in ax.get_yticks())  # 3 tokens: no 0.5-token ticks
+    assert ax.get_title() == "surprisal under smollm2"
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"teacher", "RSD"}
+    plt.close(fig)

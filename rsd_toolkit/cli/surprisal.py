@@ -119,7 +119,7 @@ def surprisal(traces: str, **kw) -> None:
     scored, skipped = _score(lm, items, kw, "scoring")
     rep = report(lm, scored, kw["pth"], traces, top=kw["top"], skipped=skipped)
     if kw["plot"]:
-        _plot(scored, kw["pth"], kw["plot"], f"{traces} under {lm.name}")
+        _plot([(_short(traces), scored)], kw["pth"], kw["plot"], f"{_short(traces)} under {_short(lm.name)}")
     if kw["as_json"]:
         click.echo(json.dumps(rep, ensure_ascii=False))
         return
@@ -250,28 +250,59 @@ def _check_plot_path(path: str) -> None:
         raise UserError(f"--plot {path}: folder {folder} does not exist or is not writable")
 
 
-def _plot(scored, pth: float, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _plot(sets: list[tuple[str, list]], pth: float, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
-    import torch
 
-    s = torch.cat([t.surprisal() for t in scored]).numpy() if scored else []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(s, bins=60, log=True, color="#3b82f6")
-    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
-    ax.set_xlabel("surprisal -ln p_s (nats)")
-    ax.set_ylabel("tokens")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
+    fig = plot_figure(sets, pth, title)
     try:
         fig.savefig(path, dpi=120)
     except (OSError, ValueError) as e:
         raise UserError(f"--plot {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         plt.close(fig)
+
+
+def plot_figure(sets: list[tuple[str, list]], pth: float, title: str):
+    """One histogram of surprisal per (label, scored traces), on shared bins and one x-range so the sets compare
+    at a glance; integer tick marks for small counts; a linear count axis unless counts span decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from matplotlib.ticker import MaxNLocator
+
+    values = [(label, torch.cat([t.surprisal() for t in scored]).numpy() if scored else np.zeros(0)) for label, scored in sets]
+    finite = np.concatenate([v[np.isfinite(v)] for _, v in values]) if values else np.zeros(0)
+    high = max(float(finite.max()) if finite.size else 1.0, -math.log(pth)) * 1.05
+    bins = np.linspace(0.0, high, 41)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    peak = 0
+    for label, v in values:
+        counts, _, _ = ax.hist(np.clip(v, 0, high), bins=bins, histtype="stepfilled" if len(values) == 1 else "step",
+                               linewidth=1.5, label=label if len(values) > 1 else None,
+                               color="#3b82f6" if len(values) == 1 else None)  # fmt: skip
+        peak = max(peak, int(counts.max()) if counts.size else 0)
+    if peak > 1000:
+        ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, high)
+    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
+    ax.set_xlabel("surprisal -ln p_s (nats)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str) -> str:
+    """A file or model name for a plot title: its last path part."""
+    import os
+
+    return os.path.basename(os.path.normpath(name)) or name
 
 
 # --------------------------------------------------------------------------------------- rsd compare
@@ -281,6 +312,8 @@ def _plot(scored, pth: float, path: str, title: str) -> None:
               help="Student(s) scoring every set; repeat for the cross-model transfer view.")
 @click.option("--label", "labels", multiple=True, help="Row labels for the trace sets, in order (default: file names without extension).")
 @click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write one PNG with the surprisal histogram of every row, on a shared x-range (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
 @data_options
 @scoring_options
@@ -308,15 +341,23 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     if labels and len(labels) != len(traces):
         raise UserError(f"{len(labels)} --label for {len(traces)} trace sets; give one per set or none")
     names = list(labels) or [os.path.splitext(os.path.basename(t))[0] for t in traces]
+    if kw["plot"]:
+        _check_plot_path(kw["plot"])
+    plotted = []
     sets = [(name, _load_items(t, kw)) for name, t in zip(names, traces)]  # bad files fail before any model loads
     rows = []
     for spec in students:
         lm = _load_student(spec, kw)
         for name, items in sets:
-            stats = summarize(_score(lm, items, kw, f"{name} under {spec}")[0], kw["pth"])
+            scored = _score(lm, items, kw, f"{name} under {spec}")[0]
+            stats = summarize(scored, kw["pth"])
+            plotted.append((f"{name} / {_short(spec)}" if len(students) > 1 else name, scored))
             rows.append({"set": name, "student": spec, **{k: v for k, v in stats.items() if k != "percentiles"}})
         del lm
         gc.collect()
+    if kw["plot"]:
+        _plot(plotted, kw["pth"], kw["plot"], "surprisal under " + ", ".join(_short(x) for x in students))
+        plotted.clear()
     if kw["as_json"]:
         click.echo(json.dumps({"pth": kw["pth"], "rows": rows}, ensure_ascii=False))
         return
@@ -330,6 +371,8 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
         table.add_row(r["set"], *((r["student"],) if several else ()), str(r["traces"]), str(r["tokens"]), _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["mean_surprisal"], ".3f"), _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
     print_table(table)
+    if kw["plot"]:
+        console.print(f"histograms written to {kw['plot']}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------- rsd sweep
