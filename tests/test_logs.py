@@ -283,3 +283,15 @@ def test_plot_has_integer_ticks_a_short_title_and_one_x_range():
     assert ax.get_title() == "surprisal under smollm2"
     assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"teacher", "RSD"}
     plt.close(fig)
+
+
+def test_compat_explains_the_real_differences(vocab):
+    from rsd_toolkit.bridges import analyse
+
+    r = analyse(vocab("mistral-v1"), vocab("mistral-v3"))
+    assert r.verdict == "remappable" and "added tokens 3 vs 771" in r.meaning and "vocab 32000 vs 32768" in r.meaning
+    gpt2 = analyse(vocab("gpt-2"), vocab("tekken"))
+    bos = next(m for m in gpt2.special_map if m["role"] == "bos")
+    assert bos["how"] == "by role (eos)"  # <|endoftext|> reaches tekken as its EOS, not as its BOS
+    res = CliRunner().invoke(cli, ["compat", "asset:gpt-2", "asset:tekken"])
+    assert "bos, eos, end_of_text" in res.output and "round-trip on sample ¹" in res.output

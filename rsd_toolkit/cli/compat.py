@@ -112,9 +112,15 @@ def render(r) -> None:
     spec = Table(title="Special tokens (teacher → student)")
     for col in ("role", "teacher", "student", "how"):
         spec.add_column(col)
+    rows: dict[int, list] = {}  # one row per teacher token: GPT-2's <|endoftext|> is bos, eos and end_of_text at once
     for m in r.special_map:
         student_tok = "—" if m["student"] is None else f"{m['student']} ({m['student_id']})"
-        spec.add_row(m["role"], f"{m['teacher']} ({m['teacher_id']})", student_tok, m["how"])
+        if m["teacher_id"] in rows:
+            rows[m["teacher_id"]][0].append(m["role"])
+        else:
+            rows[m["teacher_id"]] = [[m["role"]], f"{m['teacher']} ({m['teacher_id']})", student_tok, m["how"]]
+    for roles, teacher_tok, student_tok, how in rows.values():
+        spec.add_row(", ".join(roles), teacher_tok, student_tok, how)
     print_table(spec)
 
     for side, f in (("teacher", t), ("student", s)):
