@@ -295,3 +295,52 @@ def test_compat_explains_the_real_differences(vocab):
     assert bos["how"] == "by role (eos)"  # <|endoftext|> reaches tekken as its EOS, not as its BOS
     res = CliRunner().invoke(cli, ["compat", "asset:gpt-2", "asset:tekken"])
     assert "bos, eos, end_of_text" in res.output and "round-trip on sample ¹" in res.output
+
+
+def _help(args: list[str]) -> str:
+    return CliRunner().invoke(cli, [*args, "--help"], terminal_width=80, env={"COLUMNS": "80"}).output
+
+
+def _subcommands():
+    import click
+
+    for name, cmd in cli.commands.items():
+        if isinstance(cmd, click.Group):
+            yield [name], cmd
+            for sub, subcmd in cmd.commands.items():
+                yield [name, sub], subcmd
+        else:
+            yield [name], cmd
+
+
+def test_every_help_fits_80_columns_and_has_an_offline_example_that_parses(tmp_path, monkeypatch):
+    import shlex
+
+    import click
+
+    monkeypatch.chdir(tmp_path)  # output paths of the examples are checked at parse time
+    top = _help([])
+    assert "..." not in top.split("Commands:")[1], top  # the command list is not cut
+    for path, cmd in _subcommands():
+        text = _help(path)
+        assert max(len(line) for line in text.splitlines()) <= 80, f"rsd {' '.join(path)} --help is wider than 80:\n{text}"
+        if isinstance(cmd, click.Group):
+            continue
+        examples = [ln.strip() for ln in text.split("Example")[1].split("Options:")[0].replace("\\\n", " ").splitlines()]
+        lines = [ln for ln in examples if ln.startswith("rsd ")]
+        assert lines, f"rsd {' '.join(path)}: no example"
+        offline = [ln for ln in lines if "asset:" in ln or ln.startswith(("rsd demo", "rsd assets", "rsd merge", "rsd eval --model smollm2-rsd"))]
+        assert offline, f"rsd {' '.join(path)}: no example that runs offline on fetched assets"
+        for line in lines:
+            args = shlex.split(line.split(" >")[0].split("  #")[0])[1:]
+            if "..." in line:
+                continue
+            ctx = cli.make_context("rsd", list(args), resilient_parsing=False)
+            name, sub, rest = cli.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
+            while isinstance(sub, click.Group):
+                sctx = sub.make_context(name, rest, parent=ctx)
+                name, sub, rest = sub.resolve_command(sctx, [*sctx._protected_args, *sctx.args])
+            try:
+                sub.make_context(name, rest, parent=ctx)
+            except click.UsageError as e:
+                raise AssertionError(f"{line}: {e.format_message()}") from None
