@@ -162,7 +162,7 @@ def test_every_command_in_a_log_file_at_80_columns(workspace):
         assert "nan%" not in both and " 0 tok/s" not in both, f"{name}:\n{both}"
         assert "{'loss'" not in both, f"{name}: raw Trainer dicts:\n{both}"
         if name in PROGRESS:
-            lines = [m.groups() for m in re.finditer(rf"^\d\d:\d\d:\d\d \S*{PROGRESS[name]}\S* +(\d+)/(\d+) ", err, re.M)]
+            lines = [m.groups() for m in re.finditer(rf"^\d\d:\d\d:\d\d [^\n]*?{PROGRESS[name]}[^\n]*? (\d+)/(\d+) [a-z]", err, re.M)]
             assert lines, f"{name}: no timestamped progress line:\n{err}"
             assert any(int(done) < int(total) for done, total in lines), f"{name}: no line while work was in flight:\n{err}"
     generate_err = (root / "files-out" / "generate.err").read_text()
