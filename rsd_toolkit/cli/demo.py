@@ -9,7 +9,7 @@ import sys
 import click
 from rich.table import Table
 
-from .common import print_table, console, err_console
+from .common import console, err_console, print_table
 from .progress import trainer_callback
 from .surprisal import _fmt, _render_coloured
 

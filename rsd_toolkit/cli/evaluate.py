@@ -14,7 +14,7 @@ from rich.table import Table
 from ..checks import InputWarning
 from ..evaluation import BENCHMARKS, EvalConfig
 from ..traces.answers import ANSWER_KINDS
-from .common import print_table, console, err_console
+from .common import console, err_console, print_table
 from .options import dataclass_options, model_options, output_file_option, pick
 from .progress import Tracker
 

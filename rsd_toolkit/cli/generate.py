@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 
 import click
@@ -13,7 +12,7 @@ from rich.table import Table
 from .. import checks
 from ..checks import InputWarning
 from ..config import GenerateOptions, RSDConfig
-from .common import print_table, UserError, console, err_console
+from .common import UserError, console, err_console, print_table
 from .options import dataclass_options, model_options, output_file_option, pick
 from .progress import Tracker, percent
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import checks
 from ..sft import SFTConfig
-from .common import print_table, console, err_console
+from .common import console, err_console, print_table
 from .options import dataclass_options, pick
 
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ..checks import InputWarning
 from ..config import RSDConfig
-from .common import print_table, UserError, console, err_console
+from .common import UserError, console, err_console, print_table
 from .generate import default_device
 from .options import FLOAT, dataclass_options, model_options, pick
 from .progress import Tracker, percent
