@@ -41,7 +41,7 @@ def evaluate(**kw) -> None:
     ####; GPQA-Diamond options are shuffled (once per problem) and the answer is a letter.
 
     \b
-    Example (offline: the model of `rsd sft --help` against SmolLM2):
+    Example: offline: the model of `rsd sft --help` against SmolLM2
       echo '{"problem": "What is 2 + 3?", "answer": "5"}' > p.jsonl
       rsd eval --model asset:smollm2 --benchmark toy=p.jsonl --out base.json
       rsd eval --model smollm2-rsd --benchmark toy=p.jsonl --compare base.json

@@ -79,7 +79,7 @@ def generate(**kw) -> None:
     One run writes an output at a time: a second run on the same --out is refused.
 
     \b
-    Example (offline, after `rsd assets fetch --group smollm2`):
+    Example: offline, after `rsd assets fetch --group smollm2`
       echo '{"problem": "What is 2 + 3?", "answer": "5"}' > p.jsonl
       rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
           --dataset p.jsonl --out traces.jsonl --attempts 2 --max-new-tokens 64
@@ -198,7 +198,7 @@ def merge(out: str, shards: tuple[str, ...], partial: bool, force: bool) -> None
     only when it holds traces of the same run (--force otherwise, keeping it as .bak-N).
 
     \b
-    Example (offline: two shards of the `rsd generate --help` example):
+    Example: offline: two shards of the `rsd generate --help` example
       rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
           --dataset p.jsonl --out traces.jsonl --shard 0/2 --attempts 2
       rsd generate --teacher asset:smollm2 --student asset:smollm2 \\

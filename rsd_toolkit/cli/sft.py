@@ -32,7 +32,7 @@ def sft(**kw) -> None:
     has them. Rerunning the same command resumes from the last checkpoint in OUT.
 
     \b
-    Example (offline, on the traces of the `rsd generate --help` example):
+    Example: offline, on the traces of the `rsd generate --help` example
       rsd sft --student asset:smollm2 --traces traces.jsonl --out smollm2-rsd \\
           --max-steps 2
     The paper's recipe, on one GPU and on eight:

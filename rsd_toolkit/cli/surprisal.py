@@ -104,7 +104,7 @@ def surprisal(traces: str, **kw) -> None:
     percentiles, a histogram and the most surprising tokens in context.
 
     \b
-    Example (offline, on the traces of the `rsd generate --help` example):
+    Example: offline, on the traces of the `rsd generate --help` example
       rsd surprisal --student asset:smollm2 traces.jsonl --show 1
       rsd surprisal --student asset:smollm2 traces.jsonl --json > report.json
       rsd surprisal --student Qwen/Qwen3-0.6B data.jsonl --text-field response
@@ -325,7 +325,7 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     how well RSD data transfers.
 
     \b
-    Example (offline: teacher-only traces beside `rsd generate --help`'s):
+    Example: offline: teacher-only traces beside `rsd generate --help`'s
       rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
           --dataset p.jsonl --out teacher.jsonl --mode teacher --attempts 2
       rsd compare --student asset:smollm2 teacher.jsonl traces.jsonl \\
@@ -411,7 +411,7 @@ def sweep(**kw) -> None:
     student (as `rsd surprisal` does) at --report-pth.
 
     \b
-    Example (offline, on the problem file of `rsd generate --help`):
+    Example: offline, on the problem file of `rsd generate --help`
       rsd sweep --teacher asset:smollm2 --student asset:smollm2 \\
           --dataset p.jsonl --pths 0.1,0.01 --limit 1 --max-new-tokens 32
       rsd sweep --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
