@@ -108,6 +108,9 @@ class GenerateOptions:
     require_think: bool = field(default=True, metadata={"help": "Exactly one end-of-think marker when the student's template uses one."})
     max_fallback_rate: float = field(default=0.5, metadata={"help": "A kept RSD trace may have at most this share of student fallbacks."})
     token_stats: bool = field(default=False, metadata={"help": "Add per-token records (id, source, p_s, p_t)."})
+    instruction: bool = field(default=True, metadata={"help": "Append the paper's answer instruction (\"Please reason "
+                              "step by step, and put your final answer within \\boxed{}.\", as `rsd eval` does) to "
+                              "each question; recorded in the run configuration."})  # fmt: skip
 
     def __post_init__(self):
         self.answer_patterns = tuple(self.answer_patterns)

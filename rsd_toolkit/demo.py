@@ -76,8 +76,9 @@ def terse_solution(problem: Problem, rng: random.Random) -> str:
     return rng.choice(styles)
 
 
-def student_dir(info: Callable[[str], None] = print) -> str:
-    """The cached demo student; trained on first use (about a minute on 2 cores)."""
+def student_dir(info: Callable[[str], None] = print, callbacks: list | None = None) -> str:
+    """The cached demo student; trained on first use (about a minute on 2 cores); ``callbacks`` go to Trainer
+    (the CLI shows training progress through one)."""
     final = cache_dir() / "demo" / STUDENT_VERSION
     if (final / "config.json").exists():
         return str(final)
@@ -106,7 +107,7 @@ def student_dir(info: Callable[[str], None] = print) -> str:
         config = SFTConfig(learning_rate=4e-3, epochs=1, max_steps=TRAIN_STEPS, batch_size=32, per_device_batch_size=32,
                            warmup_ratio=0.05, weight_decay=0.0, max_length=128, bf16=False, think_markers="none",
                            logging_steps=1000, save_steps=0, save_total_limit=1, resume=False, seed=0)  # fmt: skip
-        train(str(init), str(corpus), str(out), config, info=lambda _: None)
+        train(str(init), str(corpus), str(out), config, info=lambda _: None, callbacks=callbacks)
         for ckpt in out.glob("checkpoint-*"):
             shutil.rmtree(ckpt)
         try:
@@ -117,7 +118,8 @@ def student_dir(info: Callable[[str], None] = print) -> str:
     return str(final)
 
 
-def run(problems: int = 8, max_new_tokens: int = 40, batch_size: int = 8, info: Callable[[str], None] = print) -> dict:
+def run(problems: int = 8, max_new_tokens: int = 40, batch_size: int = 8, info: Callable[[str], None] = print,
+        train_callbacks: list | None = None) -> dict:
     """Teacher-only and RSD traces for held-out problems, both scored under the student."""
     from .bridges import analyse, load_vocab
     from .engine import RSDEngine
@@ -129,7 +131,7 @@ def run(problems: int = 8, max_new_tokens: int = 40, batch_size: int = 8, info: 
 
     for name in ("smollm2", STUDENT_TOKENIZER.removeprefix("asset:")):
         asset_path(name)  # a missing asset fails here, in one line, before any training
-    student_path = student_dir(info)
+    student_path = student_dir(info, train_callbacks)
     compat = analyse(load_vocab(TEACHER), load_vocab(student_path))
     teacher, student = load_lm(TEACHER, dtype="float32", device="cpu"), load_lm(student_path, dtype="float32", device="cpu")
     held_out = arithmetic_problems(problems, seed=1)

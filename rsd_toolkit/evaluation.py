@@ -19,14 +19,14 @@ from typing import Callable
 
 from .checks import InputError, InputWarning, input_file, number
 from .config import ConfigError
-from .traces.answers import ANSWER_KINDS, extract_for, gsm8k_reference, match_for
+from .traces.answers import ANSWER_KINDS, BOXED_INSTRUCTION, extract_for, gsm8k_reference, match_for
 from .traces.data import DataError, Problem, load_problems, load_rows
 
 BACKENDS = ("hf", "vllm")
 LETTERS = "ABCD"
 INSTRUCTIONS = {
-    "math": "Please reason step by step, and put your final answer within \\boxed{}.",
-    "gsm8k": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "math": BOXED_INSTRUCTION,
+    "gsm8k": BOXED_INSTRUCTION,
     "mc": "Please reason step by step, and put the letter of the correct option within \\boxed{}.",
 }
 
@@ -99,7 +99,15 @@ def resolve_benchmark(
     name: str, question_field: str | None = None, answer_field: str | None = None, split: str | None = None,
     kind: str = "math",
 ) -> Benchmark:  # fmt: skip
-    """A built-in benchmark by name, or a local file (its fields from the arguments or the usual defaults)."""
+    """A built-in benchmark by name, or a local file (its fields from the arguments or the usual defaults).
+
+    ``NAME=PATH`` names a local file (the name its results are stored and compared under); a plain path
+    is named by its file name without extension."""
+    label, sep, path = name.partition("=")
+    if sep and label and path and name not in BENCHMARKS and not os.path.exists(name):
+        if not re.fullmatch(r"[\w.-]+", label):
+            raise EvalError(f"--benchmark {name!r}: a name before '=' may hold letters, digits, '.', '-' and '_' only")
+        return dataclasses.replace(resolve_benchmark(path, question_field, answer_field, split, kind), name=label)
     if name in BENCHMARKS:
         b = BENCHMARKS[name]
         return dataclasses.replace(b, split=split or b.split, question_field=question_field or b.question_field,
@@ -264,6 +272,16 @@ def evaluate(model, bench: Benchmark, problems: list[Problem], config: EvalConfi
 
 
 # ------------------------------------------------------------------------------------------- compare
+def comparable(names: list[str], baseline: dict, path: str) -> list[str]:
+    """The benchmarks of this run that the baseline also has; none is an error (raised before any model loads)."""
+    old = list(baseline.get("benchmarks", {}))
+    common = [n for n in names if n in old]
+    if not common:
+        raise EvalError(f"--compare {path}: no benchmark in common (this run: {', '.join(names)}; the baseline: "
+                        f"{', '.join(old) or 'none'}); name a local file as in the baseline with --benchmark NAME=PATH")  # fmt: skip
+    return common
+
+
 def compare(results: dict, baseline: dict) -> dict[str, dict]:
     """Per benchmark in both files: pass@1 of each, absolute change and relative change ``(new - old) / old``.
 

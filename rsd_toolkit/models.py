@@ -113,12 +113,33 @@ def _converted_gguf_model(path: Path) -> Path:
 
         with quiet_progress():
             gguf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        model = transformers.AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+        config = gguf.config
+        if hasattr(config, "quantization_config"):  # dequantised weights: a plain fp32 model, Trainer may train it
+            del config.quantization_config
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf.state_dict())
         model.save_pretrained(str(out))
         load_tokenizer(str(path)).save_pretrained(str(out))
 
-    return assets.build_once(target, build, "config.json")
+    folder = assets.build_once(target, build, "config.json")
+    _drop_stale_quantization(folder / "config.json")
+    return folder
+
+
+def _drop_stale_quantization(config_file: Path) -> None:
+    """Caches converted before the fix kept ``"quantization_config": {"quant_method": "gguf"}`` although their
+    weights are plain fp32: Trainer then refused to train them. Repair such a config in place (atomically)."""
+    import json
+
+    from .traces.store import write_atomic
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        write_atomic(str(config_file), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_lm(

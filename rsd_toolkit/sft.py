@@ -241,6 +241,46 @@ def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
 
 
 # ------------------------------------------------------------------------------------------ training
+_UNTRAINABLE = "cannot be fine-tuned as it is ({why}); use an unquantised model (a hub id or a folder with full " \
+    "weights{lora})"
+
+
+def precheck_trainable(student: str, config: SFTConfig, *, trust_remote_code: bool = False) -> None:
+    """Refuse, from the model's config alone (no weights), a student Trainer would refuse: a model saved with a
+    quantisation method that cannot be trained. Called before anything is written; a config that cannot be
+    read here is left to the loader, which reports it."""
+    from transformers import AutoConfig
+
+    from .models import ModelLoadError, resolve_model_dir
+
+    try:
+        source = resolve_model_dir(student)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - the loader gives the one-line reason later
+        return
+    quant = getattr(model_config, "quantization_config", None)
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method == "gguf" or not config.lora:
+        raise SFTError(f"student {student!r} " + _UNTRAINABLE.format(
+            why=f"its config.json says quant_method {method!r}", lora="" if method == "gguf" else ", or --lora"))
+
+
+def check_trainable(model, student: str, config: SFTConfig) -> None:
+    """Trainer's own check of quantised models, as one line before Trainer is built."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    try:
+        validate_quantization_for_training(model)
+    except ValueError as e:
+        why = (str(e).strip().splitlines() or ["Trainer refuses it"])[0].split(". ")[0].rstrip(".")
+        raise SFTError(f"student {student!r} " + _UNTRAINABLE.format(why=why, lora="" if config.lora else ", or --lora")) from None
+
+
 def world_size() -> int:
     """Processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -323,6 +363,7 @@ def train(
         model.config.use_cache = False
     if config.lora:
         model = _apply_lora(model, config)
+    check_trainable(model, student, config)
     from datasets import Dataset
 
     args = TrainingArguments(
@@ -356,6 +397,11 @@ def train(
         processing_class=lm.tokenizer,
         callbacks=callbacks,
     )
+    if any(getattr(c, "replaces_trainer_output", False) for c in callbacks or ()):
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)  # the caller shows progress, loss and learning rate itself
+        trainer.remove_callback(PrinterCallback)
     last = get_last_checkpoint(out) if config.resume and os.path.isdir(out) else None
     info(f"{len(examples)} examples ({stats['full']} full, {stats['upft_prefix']} UPFT prefixes"
          f"{', markers rewritten' if stats['rewrote_markers'] else ''})"

@@ -55,12 +55,31 @@ def test_keeps_the_shortest_correct_trace(engine):
     assert rec["rejected"]["wrong_answer"] == 1 and rec["prompt"] == "PROMPT"
 
 
+def test_an_answer_without_box_is_no_answer_not_wrong(engine):
+    problem = Problem(0, "p0", "What is 20 - 8?", "12")
+    traces = [fake_trace(engine, " 20 minus 8 equals 12"), fake_trace(engine, "\\boxed{13}")]
+    rec = choose(problem, traces, engine, GenerateOptions(attempts=2))
+    assert rec["rejected"]["no_answer"] == 1 and rec["rejected"]["wrong_answer"] == 1 and rec["predicted"] is None
+
+
+def test_generate_instruction_is_appended_and_recorded():
+    from rsd_toolkit.traces.answers import BOXED_INSTRUCTION
+    from rsd_toolkit.traces.pipeline import run_config, with_instruction
+
+    problems = [Problem(0, "p0", "What is 2+2?", "4")]
+    on, off = GenerateOptions(), GenerateOptions(instruction=False)
+    assert with_instruction(problems, on)[0].question == f"What is 2+2?\n\n{BOXED_INSTRUCTION}"
+    assert with_instruction(problems, off)[0].question == "What is 2+2?"
+    assert run_config("t", "s", "identical", RSDConfig(), on, {})["generate"]["instruction"] == BOXED_INSTRUCTION
+    assert run_config("t", "s", "identical", RSDConfig(), off, {})["generate"]["instruction"] is None
+
+
 def test_filters_reject_correct_traces_without_eos_or_with_many_fallbacks(engine):
     problem = Problem(0, "p0", "q", "5")
     traces = [fake_trace(engine, "\\boxed{5}", finish="length"), fake_trace(engine, "\\boxed{5}", accepted=2, decisions=10)]
     rec = choose(problem, traces, engine, GenerateOptions(attempts=2, upft_tokens=3))
     assert rec["kind"] == "upft_prefix" and not rec["correct"]
-    assert rec["rejected"] == {"no_eos": 1, "fallback_rate": 1, "wrong_answer": 0}
+    assert rec["rejected"] == {"no_eos": 1, "fallback_rate": 1, "no_answer": 0, "wrong_answer": 0}
     assert rec["ids"] == traces[0].ids[:3] and rec["text"] == engine.student.vocab.text_of(traces[0].ids[:3])
 
 
@@ -101,7 +120,9 @@ def test_generate_writes_one_record_per_problem_and_parquet(model_dir, math_file
     again = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--token-stats"))
     assert again.exit_code == 0 and len(read_records(out)) == len(MATH)  # nothing to do, nothing duplicated
     other = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03"))
-    assert other.exit_code == 2 and "other settings (generate, rsd)" in other.output  # token stats and pth
+    message = " ".join(other.output.split())
+    assert other.exit_code == 2 and "generate.token_stats true → false; rsd.pth 0.01 → 0.03" in message, message
+    assert "kept as " + out + ".bak-1" in message
     forced = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03", "--force", "--limit", "2"))
     assert forced.exit_code == 0 and len(read_records(out)) == 2 and os.path.exists(out + ".bak-1")
 

@@ -86,7 +86,7 @@ def test_trace_file_resumes_drops_a_cut_line_and_refuses_other_settings(tmp_path
     with TraceFile(path, {"pth": 0.01}) as again:
         assert again.done("p1") and again.done("p2") and not again.done("p3")
     assert [r["id"] for r in read_records(path)] == ["p1", "p2"]
-    with pytest.raises(TraceFileError, match="other settings \\(pth\\)"):
+    with pytest.raises(TraceFileError, match=r"other settings \(pth 0.01 → 0.03\); .* kept as .*traces.jsonl.bak-1\)"):
         TraceFile(path, {"pth": 0.03})
     with pytest.raises(InputError, match="folder .* does not exist"):
         TraceFile(str(tmp_path / "no" / "such" / "dir.jsonl"), {"pth": 0.01})

@@ -155,6 +155,40 @@ def _boundaries(v: Vocab, ids: list[int], line: str) -> set[int]:
     return out
 
 
+def _how(teacher: Vocab, student: Vocab, tid: int, sid: int | None) -> str:
+    """How a teacher special token reaches the student: ``by role (eos)`` names the role both tokens share
+    (a GPT-2 ``<|endoftext|>`` is BOS and EOS at once, and maps to the student's EOS, not its BOS)."""
+    if sid is None:
+        return "expanded as text"
+    shared = [r for r, i in teacher.roles.items() if i == tid and student.roles.get(r) == sid]
+    return f"by role ({', '.join(sorted(shared))})" if shared else "by text"
+
+
+def differences(a: Vocab, b: Vocab, id_agreement: float) -> list[str]:
+    """What keeps a pair from being identical, each as a short phrase with both sides' values."""
+    out = []
+    for key, label in (("normalizer", "normaliser"), ("pre_tokenizer", "pre-tokeniser"), ("decoder", "decoder")):
+        if a.spec.get(key) != b.spec.get(key):
+            out.append(f"{label} {a.describe_component(key)} vs {b.describe_component(key)}")
+    ma, mb = dict(a.spec["model"]), dict(b.spec["model"])
+    if ma.get("type") != mb.get("type"):
+        out.append(f"model {ma.get('type')} vs {mb.get('type')}")
+    elif ma.get("merges") != mb.get("merges"):
+        out.append("different merges")
+    if id_agreement < 1:
+        out.append(f"{100 * (1 - id_agreement):.1f}% of shared pieces have other ids")
+    if a.added != b.added:
+        only_a = len(set(a.added.values()) - set(b.added.values()))
+        only_b = len(set(b.added.values()) - set(a.added.values()))
+        out.append(f"added tokens {len(a.added)} vs {len(b.added)} ({only_a} only in the teacher, {only_b} only in the "
+                   "student)" if only_a or only_b else f"added tokens at other ids ({len(a.added)} on each side)")  # fmt: skip
+    if a.size != b.size:
+        out.append(f"vocab {a.size} vs {b.size}")
+    if a.model_vocab_size != b.model_vocab_size:
+        out.append(f"model embedding rows {a.model_vocab_size} vs {b.model_vocab_size}")
+    return out
+
+
 def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatReport:
     """Everything ``rsd compat`` reports about a teacher/student tokenizer pair."""
     text = text if text is not None else SAMPLE_TEXT
@@ -183,9 +217,7 @@ def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatRe
                 "teacher_id": tid,
                 "student": student.added.get(sid, student.piece_of.get(sid)) if sid is not None else None,
                 "student_id": sid,
-                "how": "by role" if sid is not None and sid in student.roles.values() and any(
-                    student.roles.get(r) == sid for r, i in teacher.roles.items() if i == tid
-                ) else ("by text" if sid is not None else "expanded as text"),
+                "how": _how(teacher, student, tid, sid),
             }
         )
     return CompatReport(
@@ -199,5 +231,15 @@ def analyse(teacher: Vocab, student: Vocab, text: str | None = None) -> CompatRe
         boundary_agreement=shared_cuts / max(1, all_cuts),
         bridge_exact=exact / max(1, len(lines)),
         sample_chars=len(text),
-        meaning=_MEANING[verdict],
+        meaning=_meaning(verdict, differences(teacher, student, same_id / max(1, len(shared)))),
     )
+
+
+def _meaning(verdict: str, diffs: list[str]) -> str:
+    """The verdict's meaning, with the differences that caused it (not a generic sentence that may not apply)."""
+    if verdict == "identical" or not diffs:
+        return _MEANING[verdict]
+    if verdict == "remappable":
+        return (f"Same segmentation; differs in: {'; '.join(diffs)}. RSD uses an exact 1:1 id map; tokens only one "
+                "side has are expanded into the other side's tokens for their text.")  # fmt: skip
+    return f"{_MEANING[verdict]} Differs in: {'; '.join(diffs)}."

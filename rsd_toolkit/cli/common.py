@@ -1,7 +1,8 @@
-"""Shared CLI plumbing: one-line errors and warnings instead of tracebacks, and the rich consoles.
+"""Shared CLI plumbing: one-line errors and warnings instead of tracebacks, the rich consoles and tables.
 
 Messages are never wrapped (``soft_wrap``): a log file or a pipe gets each message on one line, whatever the
-terminal width; tables still fit the width (80 columns when not a terminal) and fold long cells.
+terminal width. Tables fit the width — the terminal's, else ``COLUMNS``, else 80 columns — and nothing in
+them is ever cut with an ellipsis: cells and headers wrap (long words fold), see ``print_table``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from rich.console import Console
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_table(table, out: Console | None = None) -> None:
+    """Print a rich table whose columns wrap instead of being cut: no number, path or header is ever ellipsised,
+    whatever the width (``COLUMNS`` is honoured; off a terminal without it rich uses 80 columns)."""
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = False
+        # a word of a header or of a short cell is never broken ("perplexit|y"); long paths still fold
+        words = [w for text in (column.header, *column._cells) if isinstance(text, str) for w in text.split()]
+        column.min_width = max([column.min_width or 0, *(len(w) for w in words if len(w) <= 16)])
+    (out or console).print(table)
 
 
 class UserError(click.ClickException):

@@ -8,7 +8,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from .common import UserError, console
+from .common import UserError, console, print_table
 
 _VERDICT_STYLE = {"identical": "green", "remappable": "cyan", "bridged": "yellow"}
 
@@ -25,7 +25,7 @@ def read_text_file(path: str) -> str:
         raise UserError(f"--text {path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
-@click.command()
+@click.command(short_help="Is a tokenizer pair identical, remappable or bridged, and why.")
 @click.argument("teacher")
 @click.argument("student")
 @click.option("--text", "text_file", metavar="FILE", help="Measure fertility/round-trip on this UTF-8 file "
@@ -66,6 +66,11 @@ class _nullcontext:
         return False
 
 
+def _steps(pipeline) -> str:
+    """``ByteFallback+Fuse+Strip`` as ``ByteFallback + Fuse + Strip``: a narrow column wraps between steps."""
+    return str(pipeline).replace("+", " + ")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -81,17 +86,19 @@ def render(r) -> None:
         ("source", t.name, s.name),
         ("vocab (real / padded)", size(t), size(s)),
         ("model", t.model_type, s.model_type),
-        ("normaliser", t.normalizer, s.normalizer),
-        ("pre-tokeniser", t.pre_tokenizer, s.pre_tokenizer),
-        ("decoder", t.decoder, s.decoder),
+        ("normaliser", _steps(t.normalizer), _steps(s.normalizer)),
+        ("pre-tokeniser", _steps(t.pre_tokenizer), _steps(s.pre_tokenizer)),
+        ("decoder", _steps(t.decoder), _steps(s.decoder)),
         ("byte-level / byte-fallback", f"{t.byte_level} / {t.byte_fallback}", f"{s.byte_level} / {s.byte_fallback}"),
         ("added tokens", str(t.added_tokens), str(s.added_tokens)),
-        ("round-trip on sample", _pct(t.round_trip), _pct(s.round_trip)),
+        ("round-trip on sample ¹", _pct(t.round_trip), _pct(s.round_trip)),
         ("tokens / 1k chars", f"{t.fertility:.0f}", f"{s.fertility:.0f}"),
     ]
     for row in rows:
         facts.add_row(*row)
-    console.print(facts)
+    print_table(facts)
+    console.print("[dim]¹ share of the sample's lines that decode(encode(line)) gives back exactly (normalisers such "
+                  "as SentencePiece's leading space change the others)[/]", highlight=False)  # fmt: skip
 
     pair = Table(title="Pair")
     pair.add_column("measure", style="bold")
@@ -100,15 +107,21 @@ def render(r) -> None:
     pair.add_row("shared pieces with the same id", _pct(r.id_agreement))
     pair.add_row("token boundaries in common", _pct(r.boundary_agreement))
     pair.add_row("sample lines the bridge maps exactly", _pct(r.bridge_exact))
-    console.print(pair)
+    print_table(pair)
 
     spec = Table(title="Special tokens (teacher → student)")
     for col in ("role", "teacher", "student", "how"):
         spec.add_column(col)
+    rows: dict[int, list] = {}  # one row per teacher token: GPT-2's <|endoftext|> is bos, eos and end_of_text at once
     for m in r.special_map:
         student_tok = "—" if m["student"] is None else f"{m['student']} ({m['student_id']})"
-        spec.add_row(m["role"], f"{m['teacher']} ({m['teacher_id']})", student_tok, m["how"])
-    console.print(spec)
+        if m["teacher_id"] in rows:
+            rows[m["teacher_id"]][0].append(m["role"])
+        else:
+            rows[m["teacher_id"]] = [[m["role"]], f"{m['teacher']} ({m['teacher_id']})", student_tok, m["how"]]
+    for roles, teacher_tok, student_tok, how in rows.values():
+        spec.add_row(", ".join(roles), teacher_tok, student_tok, how)
+    print_table(spec)
 
     for side, f in (("teacher", t), ("student", s)):
         for w in f.warnings:

@@ -9,11 +9,12 @@ import sys
 import click
 from rich.table import Table
 
-from .common import console, err_console
+from .common import console, err_console, print_table
+from .progress import trainer_callback
 from .surprisal import _fmt, _render_coloured
 
 
-@click.command()
+@click.command(short_help="The whole RSD story offline in about a minute.")
 @click.option("--problems", type=click.IntRange(1, 64), default=8, show_default=True, help="Held-out problems to decode.")
 @click.option("--max-new-tokens", type=click.IntRange(4, 256), default=40, show_default=True, help="Budget per trace.")
 @click.option("--fast", is_flag=True, help="4 problems, 24 tokens (what CI runs).")
@@ -42,7 +43,8 @@ def demo(problems: int, max_new_tokens: int, fast: bool, show: int, as_json: boo
     info = (lambda m: err_console.print(f"[dim]{m}[/]", highlight=False)) if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     # Trainer prints its metrics on stdout while the student is built: keep stdout for the JSON
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        result = lib.run(problems=problems, max_new_tokens=max_new_tokens, info=info)
+        result = lib.run(problems=problems, max_new_tokens=max_new_tokens, info=info,
+                         train_callbacks=[trainer_callback("training the demo student")])
     stats = {label: s["stats"] for label, s in result["sets"].items()}
     if as_json:
         click.echo(json.dumps({"teacher": result["teacher"], "student": result["student"], "bridge": result["compat"].verdict,
@@ -52,14 +54,15 @@ def demo(problems: int, max_new_tokens: int, fast: bool, show: int, as_json: boo
     render(result["compat"])
     console.rule("2. Traces for the same held-out problems, scored under the student")
     table = Table()
-    table.add_column("made by", no_wrap=True)
-    for c in ("traces", "tokens", "accepted", "p_s<1%", "surprisal", "perplexity", "correct"):
-        table.add_column(c, justify="right", no_wrap=True)
+    table.add_column("made by")
+    for c in ("traces", "tokens", "proposals accepted", "p_s < 1%", "surprisal", "perplexity", "correct"):
+        table.add_column(c, justify="right")
     for label, s in stats.items():
         table.add_row(label, str(s["traces"]), str(s["tokens"]), _fmt(s["acceptance_rate"], ".0%"), _fmt(s["sub_pth_ratio"], ".1%"),
                       _fmt(s["mean_surprisal"], ".2f"), _fmt(s["perplexity"], ".1f"), _fmt(s["accuracy"], ".0%"))  # fmt: skip
-    console.print(table)
-    console.print("[dim]accepted: teacher proposals the student kept; surprisal: mean -ln p_s (nats)[/]")
+    print_table(table)
+    console.print("[dim]proposals accepted: accepted / judged teacher proposals, pooled over the set's traces (– teacher-only); "
+                  "surprisal: mean -ln p_s (nats)[/]")
     if show:
         console.rule("3. Every token coloured by the student's probability")
         for label, s in result["sets"].items():

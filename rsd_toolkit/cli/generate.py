@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import checks
 from ..checks import InputWarning
 from ..config import GenerateOptions, RSDConfig
-from .common import UserError, console, err_console
+from .common import UserError, console, err_console, print_table
 from .options import dataclass_options, model_options, output_file_option, pick
+from .progress import Tracker, percent
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -51,7 +50,7 @@ def default_device() -> str:
     return "cpu"
 
 
-@click.command()
+@click.command(short_help="Problems in, verified RSD traces out (resumable).")
 @click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file.")
@@ -80,15 +79,20 @@ def generate(**kw) -> None:
     One run writes an output at a time: a second run on the same --out is refused.
 
     \b
-    Example:
-      rsd generate --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
-          --dataset simplescaling/s1K-1.1 --out traces.jsonl --attempts 16 --dtype bfloat16
-      torchrun --nproc-per-node 8 -m rsd_toolkit.cli generate ... --out traces.jsonl   # 8 shards
+    Example: offline, after `rsd assets fetch --group smollm2`
+      echo '{"problem": "What is 2 + 3?", "answer": "5"}' > p.jsonl
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --attempts 2 --max-new-tokens 64
+    The paper's recipe (hub models; torchrun: one shard per GPU):
+      rsd generate --teacher simplescaling/s1.1-7B \\
+          --student Qwen/Qwen3-0.6B --dataset simplescaling/s1K-1.1 \\
+          --out traces.jsonl --attempts 16 --dtype bfloat16
+      torchrun --nproc-per-node 8 -m rsd_toolkit.cli generate ...
       rsd merge traces.jsonl traces.shard*-of-8.jsonl
     """
     from ..models import load_lm, load_pair
     from ..traces.data import load_problems
-    from ..traces.pipeline import describe_too_long, fit_context, run_config
+    from ..traces.pipeline import describe_too_long, fit_context, run_config, with_instruction
     from ..traces.store import OutputLock, TraceFile
 
     rsd_kwargs = pick(RSDConfig, kw)
@@ -98,7 +102,7 @@ def generate(**kw) -> None:
     i, n = parse_shard(kw["shard"])
     out = checks.output_file(shard_path(kw["out"], i, n), "--out")
     problems = load_problems(kw["dataset"], kw["split"], kw["question_field"], kw["answer_field"], kw["limit"])
-    problems = [p for p in problems if p.index % n == i]
+    problems = with_instruction([p for p in problems if p.index % n == i], opts)
     with OutputLock(out) as lock:  # a second writer is refused before any model loads
         kind, _, _ = load_pair(kw["teacher"], kw["student"], trust_remote_code=kw["trust_remote_code"])
         dataset = {"source": kw["dataset"], "split": kw["split"], "shard": [i, n]}  # --limit may grow between runs
@@ -124,26 +128,24 @@ def _run(engine, problems, store, opts: GenerateOptions, out: str, fmt: str) -> 
     from ..traces.pipeline import generate_traces
 
     skipped = sum(store.done(p.id) for p in problems)
-    stats = {"solved": 0, "unsolved": 0, "attempts": 0, "tokens": 0, "accepted": 0, "decisions": 0, "t0": time.perf_counter()}
-    columns = (TextColumn("[bold]problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn())  # fmt: skip
+    stats = {"solved": 0, "unsolved": 0, "attempts": 0, "accepted": 0, "decisions": 0}
     try:
-        with Progress(*columns, console=err_console, transient=False) as progress:
-            task = progress.add_task("generate", total=len(problems), completed=skipped, info="")
+        with Tracker("generate", len(problems), "problems", completed=skipped) as progress:
+            pending = {"tokens": 0}
 
             def on_trace(trace):
                 stats["attempts"] += 1
-                stats["tokens"] += len(trace.ids)
+                pending["tokens"] += len(trace.ids)
                 stats["accepted"] += trace.accepted
                 stats["decisions"] += trace.decisions
 
             def on_problem(record):
                 stats["solved" if record["correct"] else "unsolved"] += 1
-                rate = stats["tokens"] / max(1e-9, time.perf_counter() - stats["t0"])
-                acc = stats["accepted"] / stats["decisions"] if stats["decisions"] else float("nan")
-                info = (f"solved {stats['solved']} · unsolved {stats['unsolved']} · attempts {stats['attempts']} · "
-                        f"{rate:.0f} tok/s · accept {acc:.0%}")  # fmt: skip
-                progress.update(task, advance=1, info=info)
+                accepted = percent(stats["accepted"] / stats["decisions"]) if stats["decisions"] else None
+                info = [f"solved {stats['solved']}", f"unsolved {stats['unsolved']}", f"attempts {stats['attempts']}",
+                        accepted and f"proposals accepted {accepted}"]  # fmt: skip
+                progress.advance(1, tokens=pending["tokens"], info=info)
+                pending["tokens"] = 0
 
             generate_traces(engine, problems, store, opts, on_problem=on_problem, on_trace=on_trace)
     except KeyboardInterrupt:
@@ -163,7 +165,10 @@ def _summary(out: str, store, skipped: int, stats: dict) -> None:
     table.add_row(str(len(records)), str(sum(r["kind"] == "full" for r in records)),
                   str(sum(r["kind"] == "upft_prefix" for r in records)), str(skipped),
                   f"{sum(acc) / len(acc):.1%}" if acc else "–", str(sum(r["sub_pth"] for r in records)))  # fmt: skip
-    console.print(table)
+    print_table(table)
+    console.print("[dim]mean acceptance: the mean over kept traces of each trace's share of teacher proposals the student "
+                  "accepted (– when decoding teacher-only); sub-pth tokens: tokens of the kept traces with p_s < pth. "
+                  "Progress lines pool proposals over every attempt instead (proposals accepted).[/]", highlight=False)  # fmt: skip
     rejected: dict[str, int] = {}
     for r in records:
         for k, v in r.get("rejected", {}).items():
@@ -181,7 +186,7 @@ def _write_parquet(out: str, records: list[dict]) -> None:
     err_console.print(f"wrote {path}")
 
 
-@click.command()
+@click.command(short_help="Join the shard files of one `rsd generate` run.")
 @click.argument("out")
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--partial", is_flag=True, help="Merge even when shard files of the run are missing (a warning names them).")
@@ -193,8 +198,12 @@ def merge(out: str, shards: tuple[str, ...], partial: bool, force: bool) -> None
     only when it holds traces of the same run (--force otherwise, keeping it as .bak-N).
 
     \b
-    Example:
-      rsd merge traces.jsonl traces.shard*-of-8.jsonl
+    Example: offline: two shards of the `rsd generate --help` example
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --shard 0/2 --attempts 2
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out traces.jsonl --shard 1/2 --attempts 2
+      rsd merge traces.jsonl traces.shard*-of-2.jsonl
     """
     from ..traces.store import OutputLock, read_records, set_aside, write_atomic
 

@@ -10,15 +10,15 @@ import warnings
 from collections import Counter
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..checks import InputWarning
 from ..config import RSDConfig
-from .common import UserError, console, err_console
+from .common import UserError, console, err_console, print_table
 from .generate import default_device
 from .options import FLOAT, dataclass_options, model_options, pick
+from .progress import Tracker, percent
 
 # (lowest p_s of the bucket, style, legend): how the colour view paints each token
 COLOURS = ((0.5, "green", "p ≥ 0.5"), (0.1, "default", "0.1–0.5"), (None, "yellow", "pth–0.1"), (0.0, "bold white on red", "< pth"))
@@ -64,18 +64,10 @@ def _score(lm, items, kw: dict, what: str):
     """Score with a progress bar on stderr (stdout stays clean for --json)."""
     from ..surprisal import score_items
 
-    columns = (TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task(what, total=sum(1 for it in items if it.text), info="")
-        done = {"tokens": 0}
-
-        def tick(seqs: int, tokens: int) -> None:
-            done["tokens"] += tokens
-            progress.update(task, advance=seqs, info=f"{done['tokens']} tokens")
-
+    with Tracker(what, sum(1 for it in items if it.text), "traces") as progress:
         skipped = Counter()
-        scored = score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"], progress=tick,
-                             skipped=skipped)  # fmt: skip
+        scored = score_items(lm, items, batch_size=kw["batch_size"], chat_template=kw["chat_template"],
+                             progress=lambda seqs, tokens: progress.advance(seqs, tokens=tokens), skipped=skipped)  # fmt: skip
     if skipped["too_long"]:
         warnings.warn(f"{what}: {skipped['too_long']} trace(s) longer than the context of {lm.name} "
                       f"({lm.context_length} tokens with the prompt) were skipped", InputWarning, stacklevel=1)  # fmt: skip
@@ -91,7 +83,7 @@ def _fmt(x, spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- rsd surprisal
-@click.command()
+@click.command(short_help="How surprising is a trace set to a student (-ln p_s)?")
 @click.argument("traces")
 @click.option("--student", required=True, help="Student model scoring the traces: hub id, folder, .gguf or asset:smollm2.")
 @click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio (p_s < pth).")
@@ -112,9 +104,10 @@ def surprisal(traces: str, **kw) -> None:
     percentiles, a histogram and the most surprising tokens in context.
 
     \b
-    Example:
-      rsd surprisal --student Qwen/Qwen3-0.6B traces.jsonl --show 2
-      rsd surprisal --student asset:smollm2 data.jsonl --text-field response --json > report.json
+    Example: offline, on the traces of the `rsd generate --help` example
+      rsd surprisal --student asset:smollm2 traces.jsonl --show 1
+      rsd surprisal --student asset:smollm2 traces.jsonl --json > report.json
+      rsd surprisal --student Qwen/Qwen3-0.6B data.jsonl --text-field response
     """
     from ..surprisal import report
 
@@ -126,7 +119,7 @@ def surprisal(traces: str, **kw) -> None:
     scored, skipped = _score(lm, items, kw, "scoring")
     rep = report(lm, scored, kw["pth"], traces, top=kw["top"], skipped=skipped)
     if kw["plot"]:
-        _plot(scored, kw["pth"], kw["plot"], f"{traces} under {lm.name}")
+        _plot([(_short(traces), scored)], kw["pth"], kw["plot"], f"{_short(traces)} under {_short(lm.name)}")
     if kw["as_json"]:
         click.echo(json.dumps(rep, ensure_ascii=False))
         return
@@ -152,7 +145,7 @@ def _render_report(rep: dict) -> None:
         rows.append(("correct traces", f"{s['accuracy']:.1%}"))
     for name, value in rows:
         table.add_row(name, value, style="bold" if name == "sub-pth ratio" else None)
-    console.print(table)
+    print_table(table)
     if rep["skipped_empty"]:
         console.print(f"[dim]{rep['skipped_empty']} empty traces skipped[/]")
     if rep["skipped_too_long"]:
@@ -169,19 +162,42 @@ def _render_report(rep: dict) -> None:
         lo, hi = b["p_low"], b["p_high"]
         s_lo = -math.log(hi) + 0.0 if hi > 0 else math.inf  # + 0.0: no "-0.00"
         s_hi = -math.log(lo) if lo > 0 else math.inf
-        bar = Text("█" * round(30 * b["count"] / peak), style="red" if b["below_pth"] else "cyan")
+        bar = Text("█" * round(16 * b["count"] / peak), style="red" if b["below_pth"] else "cyan")
         hist.add_row(f"{lo:g}–{hi:g}", f"{s_lo:.2f}–{s_hi:.2f}", str(b["count"]), f"{b['count'] / total:.2%}", bar)
-    console.print(hist)
+    print_table(hist)
     if rep["top_tokens"]:
         top = Table(title="most surprising tokens", show_edge=False)
         for c in ("trace", "pos", "p_s", "context"):
             top.add_column(c, justify="right" if c in ("pos", "p_s") else "left", overflow="fold")
         for t in rep["top_tokens"]:
             ctx = Text(_visible(t["before"]), style="dim")
-            ctx.append(_visible(t["token"]) or "∅", style="bold white on red")
+            token = token_label(t["token"])
+            if not (console.is_terminal and console.color_system) and token == _visible(t["token"]):
+                token = f"⟦{token}⟧"  # no colour (a log file, NO_COLOR): brackets show which token it is
+            ctx.append(token, style="bold white on red")
             ctx.append(_visible(t["after"]), style="dim")
             top.add_row(str(t["trace"]), str(t["position"]), f"{t['p_s']:.2e}", ctx)
-        console.print(top)
+        print_table(top)
+
+
+_BLANKS = {" ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return", "\u00a0": "no-break space"}
+
+
+def token_label(token: str) -> str:
+    """A token as it can be seen: ``⟨2 spaces⟩``, ``⟨newline⟩``, ``⟨empty⟩`` for blank ones, else the text with
+    newlines and tabs shown."""
+    if token == "":
+        return "⟨empty⟩"
+    if token.strip():
+        return _visible(token)
+    names = []
+    for ch in token:
+        name = _BLANKS.get(ch, f"U+{ord(ch):04X}")
+        if names and names[-1][0] == name:
+            names[-1][1] += 1
+        else:
+            names.append([name, 1])
+    return "⟨" + " ".join(f"{n} {name}s" if n > 1 else name for name, n in names) + "⟩"
 
 
 def _visible(s: str) -> str:
@@ -234,22 +250,10 @@ def _check_plot_path(path: str) -> None:
         raise UserError(f"--plot {path}: folder {folder} does not exist or is not writable")
 
 
-def _plot(scored, pth: float, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _plot(sets: list[tuple[str, list]], pth: float, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
-    import torch
 
-    s = torch.cat([t.surprisal() for t in scored]).numpy() if scored else []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(s, bins=60, log=True, color="#3b82f6")
-    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
-    ax.set_xlabel("surprisal -ln p_s (nats)")
-    ax.set_ylabel("tokens")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
+    fig = plot_figure(sets, pth, title)
     try:
         fig.savefig(path, dpi=120)
     except (OSError, ValueError) as e:
@@ -258,13 +262,58 @@ def _plot(scored, pth: float, path: str, title: str) -> None:
         plt.close(fig)
 
 
+def plot_figure(sets: list[tuple[str, list]], pth: float, title: str):
+    """One histogram of surprisal per (label, scored traces), on shared bins and one x-range so the sets compare
+    at a glance; integer tick marks for small counts; a linear count axis unless counts span decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from matplotlib.ticker import MaxNLocator
+
+    values = [(label, torch.cat([t.surprisal() for t in scored]).numpy() if scored else np.zeros(0)) for label, scored in sets]
+    finite = np.concatenate([v[np.isfinite(v)] for _, v in values]) if values else np.zeros(0)
+    high = max(float(finite.max()) if finite.size else 1.0, -math.log(pth)) * 1.05
+    bins = np.linspace(0.0, high, 41)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    peak = 0
+    for label, v in values:
+        counts, _, _ = ax.hist(np.clip(v, 0, high), bins=bins, histtype="stepfilled" if len(values) == 1 else "step",
+                               linewidth=1.5, label=label if len(values) > 1 else None,
+                               color="#3b82f6" if len(values) == 1 else None)  # fmt: skip
+        peak = max(peak, int(counts.max()) if counts.size else 0)
+    if peak > 1000:
+        ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, high)
+    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
+    ax.set_xlabel("surprisal -ln p_s (nats)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str) -> str:
+    """A file or model name for a plot title: its last path part."""
+    import os
+
+    return os.path.basename(os.path.normpath(name)) or name
+
+
 # --------------------------------------------------------------------------------------- rsd compare
-@click.command()
+@click.command(short_help="Trace sets x students in one table (the paper's Tables 1-2).")
 @click.argument("traces", nargs=-1, required=True)
 @click.option("--student", "students", multiple=True, required=True,
               help="Student(s) scoring every set; repeat for the cross-model transfer view.")
 @click.option("--label", "labels", multiple=True, help="Row labels for the trace sets, in order (default: file names without extension).")
 @click.option("--pth", type=FLOAT, default=0.01, show_default=True, help="Threshold of the sub-pth ratio.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write one PNG with the surprisal histogram of every row, on a shared x-range (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
 @data_options
 @scoring_options
@@ -276,9 +325,13 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     how well RSD data transfers.
 
     \b
-    Example:
-      rsd compare --student Qwen/Qwen3-0.6B teacher.jsonl rsd.jsonl --label teacher --label RSD
-      rsd compare --student Qwen/Qwen3-0.6B --student meta-llama/Llama-3.2-1B rsd_qwen.jsonl rsd_llama.jsonl
+    Example: offline: teacher-only traces beside `rsd generate --help`'s
+      rsd generate --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --out teacher.jsonl --mode teacher --attempts 2
+      rsd compare --student asset:smollm2 teacher.jsonl traces.jsonl \\
+          --label teacher --label RSD
+      rsd compare --student Qwen/Qwen3-0.6B --student meta-llama/Llama-3.2-1B \\
+          rsd_qwen.jsonl rsd_llama.jsonl
     """
     import os
 
@@ -288,15 +341,23 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     if labels and len(labels) != len(traces):
         raise UserError(f"{len(labels)} --label for {len(traces)} trace sets; give one per set or none")
     names = list(labels) or [os.path.splitext(os.path.basename(t))[0] for t in traces]
+    if kw["plot"]:
+        _check_plot_path(kw["plot"])
+    plotted = []
     sets = [(name, _load_items(t, kw)) for name, t in zip(names, traces)]  # bad files fail before any model loads
     rows = []
     for spec in students:
         lm = _load_student(spec, kw)
         for name, items in sets:
-            stats = summarize(_score(lm, items, kw, f"{name} under {spec}")[0], kw["pth"])
+            scored = _score(lm, items, kw, f"{name} under {spec}")[0]
+            stats = summarize(scored, kw["pth"])
+            plotted.append((f"{name} / {_short(spec)}" if len(students) > 1 else name, scored))
             rows.append({"set": name, "student": spec, **{k: v for k, v in stats.items() if k != "percentiles"}})
         del lm
         gc.collect()
+    if kw["plot"]:
+        _plot(plotted, kw["pth"], kw["plot"], "surprisal under " + ", ".join(_short(x) for x in students))
+        plotted.clear()
     if kw["as_json"]:
         click.echo(json.dumps({"pth": kw["pth"], "rows": rows}, ensure_ascii=False))
         return
@@ -309,7 +370,9 @@ def compare(traces: tuple[str, ...], students: tuple[str, ...], labels: tuple[st
     for r in rows:
         table.add_row(r["set"], *((r["student"],) if several else ()), str(r["traces"]), str(r["tokens"]), _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["mean_surprisal"], ".3f"), _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
-    console.print(table)
+    print_table(table)
+    if kw["plot"]:
+        console.print(f"histograms written to {kw['plot']}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------- rsd sweep
@@ -325,7 +388,7 @@ def _parse_pths(text: str) -> list[float]:
     return pths
 
 
-@click.command()
+@click.command(short_help="Generate at several thresholds and tabulate the statistics.")
 @click.option("--teacher", required=True, help="Teacher model: hub id, folder, .gguf file or asset:smollm2.")
 @click.option("--student", required=True, help="Student model (same kinds of spec).")
 @click.option("--dataset", required=True, help="Hub dataset name, or a local .jsonl/.json/.parquet/.csv file of problems.")
@@ -348,9 +411,12 @@ def sweep(**kw) -> None:
     student (as `rsd surprisal` does) at --report-pth.
 
     \b
-    Example:
+    Example: offline, on the problem file of `rsd generate --help`
+      rsd sweep --teacher asset:smollm2 --student asset:smollm2 \\
+          --dataset p.jsonl --pths 0.1,0.01 --limit 1 --max-new-tokens 32
       rsd sweep --teacher simplescaling/s1.1-7B --student Qwen/Qwen3-0.6B \\
-          --dataset simplescaling/s1K-1.1 --pths 0.1,0.03,0.01,0.003 --limit 32 --dtype bfloat16
+          --dataset simplescaling/s1K-1.1 --pths 0.1,0.03,0.01,0.003 \\
+          --limit 32 --dtype bfloat16
     """
     from ..models import load_lm, load_pair
     from ..surprisal import sweep as run_sweep
@@ -368,22 +434,34 @@ def sweep(**kw) -> None:
     teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
     student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
     n_settings = len(pths) + kw["teacher_baseline"]
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("sweep", total=n_settings * len(problems) * kw["attempts"])
+    state = {"accepted": 0, "decisions": 0, "setting": ""}
+
+    def on_setting(label: str) -> None:
+        state.update(accepted=0, decisions=0, setting=label)
+        progress.update(info=[f"setting {label}"])
+
+    def on_trace(trace) -> None:
+        state["accepted"] += trace.accepted
+        state["decisions"] += trace.decisions
+        accepted = percent(state["accepted"] / state["decisions"]) if state["decisions"] else None
+        progress.advance(1, tokens=len(trace.ids), info=[f"setting {state['setting']}", accepted and f"proposals accepted {accepted}"])
+
+    with Tracker("sweep", n_settings * len(problems) * kw["attempts"], "traces") as progress:
         rows = run_sweep(
             teacher, student, problems, pths, config, attempts=kw["attempts"], batch_size=kw["batch_size"],
-            report_pth=kw["report_pth"], include_teacher=kw["teacher_baseline"],
-            on_setting=lambda label: progress.update(task, description=label),
-            on_trace=lambda trace: progress.update(task, advance=1),
+            report_pth=kw["report_pth"], include_teacher=kw["teacher_baseline"], on_setting=on_setting,
+            on_trace=on_trace,
         )  # fmt: skip
     if kw["as_json"]:
         click.echo(json.dumps({"teacher": kw["teacher"], "student": kw["student"], "rows": rows}, ensure_ascii=False))
         return
     table = Table(title=f"{kw['teacher']} → {kw['student']}: {len(problems)} problems x {kw['attempts']}")
-    for c in ("setting", "acceptance", "mean tokens", f"p_s < {kw['report_pth']:g}", "perplexity", "correct"):
+    for c in ("setting", "proposals accepted", "mean tokens", f"p_s < {kw['report_pth']:g}", "perplexity", "correct"):
         table.add_column(c, justify="left" if c == "setting" else "right")
     for r in rows:
         table.add_row(r["setting"], _fmt(r["acceptance_rate"], ".1%"), f"{r['mean_length']:.0f}", _fmt(r["sub_pth_ratio"], ".2%"),
                       _fmt(r["perplexity"], ".2f"), _fmt(r["accuracy"], ".1%"))  # fmt: skip
-    console.print(table)
+    print_table(table)
+    console.print("[dim]proposals accepted: accepted / judged teacher proposals, pooled over every trace of the setting "
+                  "(– teacher-only); mean tokens: student tokens per trace; correct: share of traces whose last "
+                  "\\boxed{} matches.[/]", highlight=False)  # fmt: skip

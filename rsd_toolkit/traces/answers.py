@@ -24,6 +24,9 @@ def last_boxed(text: str) -> str | None:
     return found
 
 
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
 def extract_answer(text: str, patterns: tuple[str, ...] = ()) -> str | None:
     """The last ``\\boxed{}``; else the last match of the first extra regex (group 1) that matches."""
     boxed = last_boxed(text)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..config import GenerateOptions, RSDConfig
 from ..engine import RSDEngine, Trace
 from ..engine.trace import sub_pth
-from .answers import answers_match, extract_answer
+from .answers import BOXED_INSTRUCTION, answers_match, extract_answer
 from .data import Problem
 from .store import TraceFile
 
@@ -52,7 +52,8 @@ def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: Gener
     marker = think_end_marker(engine)
     verdicts = [judge(t, problem, opts, marker, engine.config.mode) for t in traces]
     reasons = Counter(r for _, ok, failed in verdicts if ok for r in failed)
-    reasons["wrong_answer"] = sum(not ok for _, ok, _ in verdicts)
+    reasons["no_answer"] = sum(predicted is None for predicted, _, _ in verdicts)  # nothing extracted (no \boxed{})
+    reasons["wrong_answer"] = sum(predicted is not None and not ok for predicted, ok, _ in verdicts)
     good = [i for i, (_, ok, failed) in enumerate(verdicts) if ok and not failed]
     if good:
         best = min(good, key=lambda i: len(traces[i].ids))
@@ -75,10 +76,19 @@ def choose(problem: Problem, traces: list[Trace], engine: RSDEngine, opts: Gener
     return record
 
 
+def with_instruction(problems: list[Problem], opts: GenerateOptions) -> list[Problem]:
+    """The problems as the models see them: each question followed by the answer instruction (unless
+    ``opts.instruction`` is off). The record's ``question`` is this text, so SFT trains on the same prompt."""
+    if not opts.instruction:
+        return list(problems)
+    return [replace(p, question=f"{p.question}\n\n{BOXED_INSTRUCTION}") for p in problems]
+
+
 def run_config(teacher: str, student: str, bridge: str, config: RSDConfig, opts: GenerateOptions, dataset: dict) -> dict:
     """What a trace file's records must agree on to be continued (known before any model loads)."""
     keep = {k: v for k, v in asdict(opts).items() if k != "batch_size"}
     keep["answer_patterns"] = list(opts.answer_patterns)
+    keep["instruction"] = BOXED_INSTRUCTION if opts.instruction else None
     return {"teacher": teacher, "student": student, "bridge": bridge, "rsd": config.to_dict(), "generate": keep,
             "dataset": dataset}  # fmt: skip
 

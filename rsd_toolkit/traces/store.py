@@ -34,7 +34,7 @@ class OutputLock:
     def __init__(self, path: str, what: str = "--out"):
         self.path = path + ".lock"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -111,11 +111,11 @@ class TraceFile:
                 raise TraceFileError(f"{self.path} line {n} is not a trace record; is this a trace file of `rsd generate`?")
             if rec.get("run") != self.run_config:
                 if not force:
-                    diff = sorted(k for k in set(rec.get("run", {})) | set(self.run_config)
-                                  if rec.get("run", {}).get(k) != self.run_config.get(k))  # fmt: skip
+                    old = rec.get("run") if isinstance(rec.get("run"), dict) else {}
+                    diff = setting_changes(old, self.run_config)
                     raise TraceFileError(
-                        f"{self.path} was made with other settings ({', '.join(diff) or 'unknown'}); "
-                        "use another --out, or --force to start over (the old file is kept as .bak)"
+                        f"{self.path} was made with other settings ({'; '.join(diff) or 'unknown'}); use another --out, "
+                        f"or --force to start over (the old file is kept as {next_backup(self.path)})"
                     )
                 self._set_aside()
                 return
@@ -134,7 +134,7 @@ class TraceFile:
     def append(self, record: dict) -> None:
         record = {**record, "run": self.run_config}
         line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides, as for open()
         try:
             os.write(fd, line)
             os.fsync(fd)
@@ -143,13 +143,41 @@ class TraceFile:
         self.records[str(record["id"])] = record
 
 
-def set_aside(path: str) -> str:
-    """Move ``path`` to the first free ``path.bak-N``; returns the new name."""
+def next_backup(path: str) -> str:
+    """The first free ``path.bak-N``: where ``set_aside`` would move ``path``."""
     n = 1
     while os.path.exists(f"{path}.bak-{n}"):
         n += 1
-    os.replace(path, f"{path}.bak-{n}")
     return f"{path}.bak-{n}"
+
+
+def set_aside(path: str) -> str:
+    """Move ``path`` to the first free ``path.bak-N``; returns the new name."""
+    backup = next_backup(path)
+    os.replace(path, backup)
+    return backup
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "", limit: int = 4) -> list[str]:
+    """``["rsd.pth 0.01 → 0.03", "generate.instruction (none) → '…'"]``: the settings that differ, old → new,
+    nested keys dotted; at most ``limit`` listed, then ``and N more``."""
+    changes: list[str] = []
+
+    def show(v) -> str:
+        if v is None:
+            return "(none)"
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 40 else text[:37] + '..."'
+
+    def walk(a, b, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif a != b:
+            changes.append(f"{path} {show(a)} → {show(b)}")
+
+    walk(old, new, prefix)
+    return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
 
 
 def read_records(path: str) -> list[dict]:
@@ -159,10 +187,14 @@ def read_records(path: str) -> list[dict]:
 
 def write_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a temporary file beside it, then a rename (no stray
-    temporary left behind, whatever fails)."""
+    temporary left behind, whatever fails).
+
+    The result has the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask; an existing
+    file keeps its mode), not ``mkstemp``'s private 0600: colleagues on a shared machine can read results."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -172,3 +204,14 @@ def write_atomic(path: str, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits a newly written ``path`` should get: an existing file's, else 0o666 & ~umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0)  # the only portable way to read the umask
+    os.umask(mask)
+    return 0o666 & ~mask
