@@ -150,15 +150,55 @@ def propose(teacher_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig) ->
 def fallback(student_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """The student's own token when the teacher's is rejected (``config.fallback`` picks the rule).
     ``excluded`` [R, V]: strict choices already tried and rejected (drawn again without them)."""
+    if config.fallback == "sample":  # by rejection: no [R, V] nucleus mask
+        return sample(tempered_probs(student_logits, config.temperature), u, config.top_p)
+    return inverse_cdf(fallback_weights(student_logits, config, excluded), u[:, :1])[:, 0]
+
+
+def fallback_weights(student_logits: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """The fallback distribution as unnormalised weights [R, V] (what :func:`fallback` draws from).
+
+    ``sample``: tempered and top-p; ``topk``: tempered, restricted to the top-k; ``strict``: tempered,
+    restricted to the tokens the acceptance rule itself accepts, or the argmax if there is none."""
     probs = tempered_probs(student_logits, config.temperature)
     if config.fallback == "sample":
-        return sample(probs, u, config.top_p)
+        return nucleus(probs, config.top_p)
     if config.fallback == "topk":
-        return inverse_cdf(torch.where(topk_mask(student_logits, config.k), probs, 0.0), u[:, :1])[:, 0]
-    # strict: only tokens the acceptance rule itself would accept; the argmax if there is none.
+        return torch.where(topk_mask(student_logits, config.k), probs, 0.0)
     allowed = strict_choices(student_logits, config, excluded)
     allowed |= ~allowed.any(-1, keepdim=True) & topk_mask(student_logits, 1)
-    return inverse_cdf(torch.where(allowed, probs, 0.0), u[:, :1])[:, 0]
+    return torch.where(allowed, probs, 0.0)
+
+
+NUCLEUS_TOPK = 64  # candidates examined before a row falls back to a full sort
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` [R, V] restricted to the nucleus and renormalised: the distribution :func:`sample` draws.
+
+    A token is in the nucleus when the mass strictly more probable than it is below ``top_p`` (so ties
+    with the last kept token are kept, as in :func:`sample`). The cut is found among the top
+    ``NUCLEUS_TOPK`` probabilities; a row whose nucleus is wider is cut on its full sort."""
+    if top_p >= 1.0:
+        return probs / probs.sum(-1, keepdim=True)
+    k = min(NUCLEUS_TOPK, probs.shape[-1])
+    cut = _nucleus_floor(probs.topk(k, dim=-1).values, top_p, k == probs.shape[-1])  # [R]; -1 where the nucleus may be wider
+    wide = (cut < 0).nonzero().flatten()
+    if wide.numel():
+        cut[wide] = _nucleus_floor(probs[wide].sort(dim=-1, descending=True).values, top_p, True)
+    kept = torch.where(probs >= cut[:, None], probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _nucleus_floor(top: torch.Tensor, top_p: float, complete: bool) -> torch.Tensor:
+    """The smallest kept probability per row, from its largest probabilities ``top`` [R, k] (descending);
+    -1 where even the k-th is kept and ``top`` is not the ``complete`` vocabulary (the cut lies further)."""
+    before = torch.searchsorted(-top, -top)  # [R, k]: how many are strictly more probable than each
+    cum = torch.cat([torch.zeros_like(top[:, :1]), top.cumsum(-1)], dim=-1)  # [R, k+1]: mass of the first i
+    above = cum.gather(-1, before)  # [R, k]: mass strictly above each
+    kept = above < top_p
+    floor = torch.where(kept, top, torch.inf).amin(-1)
+    return floor if complete else torch.where(kept[:, -1], -1.0, floor)
 
 
 def strict_choices(student_logits: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
