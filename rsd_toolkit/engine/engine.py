@@ -257,7 +257,9 @@ class RSDEngine:
         D = torch.stack(drafts, 1)  # [B, K]
         T = self._verify_forward(rows, t_ctx, D)  # [B, K+1, V_t]
         B, V = S.shape[0], S.shape[-1]
-        t = speculative.teacher_probs(T.flatten(0, 1), cfg)[:, self.draft_map.to(T.device)]  # [B(K+1), V_s]
+        t = speculative.teacher_probs(T.flatten(0, 1), cfg)  # [B(K+1), V_t]
+        if not self.bridge.keeps_sampled_ids:
+            t = t[:, self.draft_map.to(T.device)]  # [B(K+1), V_s]: on the student's ids
         q, q_teacher = speculative.rsd_target(t, S.flatten(0, 1), cfg)
         g = speculative.draft_probs(S[:, :K].flatten(0, 1), cfg).view(B, K, V)
         accepted, tokens, from_teacher = speculative.verify(q.view(B, K + 1, V), q_teacher.view(B, K + 1, V), g, D, u[:, K * sampling.UNIFORMS_PER_DRAW :])

@@ -170,22 +170,28 @@ def fallback_weights(student_logits: torch.Tensor, config: RSDConfig, excluded: 
     return torch.where(allowed, probs, 0.0)
 
 
-NUCLEUS_TOPK = 64  # candidates examined before a row falls back to a full sort
+NUCLEUS_TOPK = (64, 1024)  # candidates examined, then for rows whose nucleus is wider, before a full sort
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """``probs`` [R, V] restricted to the nucleus and renormalised: the distribution :func:`sample` draws.
 
     A token is in the nucleus when the mass strictly more probable than it is below ``top_p`` (so ties
-    with the last kept token are kept, as in :func:`sample`). The cut is found among the top
-    ``NUCLEUS_TOPK`` probabilities; a row whose nucleus is wider is cut on its full sort."""
+    with the last kept token are kept, as in :func:`sample`). The cut is found among each row's largest
+    probabilities (``NUCLEUS_TOPK``); only a row whose nucleus is wider than those is sorted in full."""
     if top_p >= 1.0:
         return probs / probs.sum(-1, keepdim=True)
-    k = min(NUCLEUS_TOPK, probs.shape[-1])
-    cut = _nucleus_floor(probs.topk(k, dim=-1).values, top_p, k == probs.shape[-1])  # [R]; -1 where the nucleus may be wider
-    wide = (cut < 0).nonzero().flatten()
-    if wide.numel():
-        cut[wide] = _nucleus_floor(probs[wide].sort(dim=-1, descending=True).values, top_p, True)
+    V = probs.shape[-1]
+    cut = torch.full(probs.shape[:1], -1.0, device=probs.device, dtype=probs.dtype)  # [R]; -1: not found yet
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*NUCLEUS_TOPK, V):
+        k = min(k, V)
+        rows = probs[todo]
+        top = rows.sort(dim=-1, descending=True).values if k == V else rows.topk(k, dim=-1).values
+        cut[todo] = _nucleus_floor(top, top_p, k == V)
+        todo = todo[cut[todo] < 0]
+        if not todo.numel():
+            break
     kept = torch.where(probs >= cut[:, None], probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
 
@@ -193,9 +199,11 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def _nucleus_floor(top: torch.Tensor, top_p: float, complete: bool) -> torch.Tensor:
     """The smallest kept probability per row, from its largest probabilities ``top`` [R, k] (descending);
     -1 where even the k-th is kept and ``top`` is not the ``complete`` vocabulary (the cut lies further)."""
-    before = torch.searchsorted(-top, -top)  # [R, k]: how many are strictly more probable than each
-    cum = torch.cat([torch.zeros_like(top[:, :1]), top.cumsum(-1)], dim=-1)  # [R, k+1]: mass of the first i
-    above = cum.gather(-1, before)  # [R, k]: mass strictly above each
+    k = top.shape[-1]
+    first = torch.ones_like(top, dtype=torch.bool)  # the first of each run of equal probabilities
+    first[:, 1:] = top[:, 1:] != top[:, :-1]
+    start = torch.where(first, torch.arange(k, device=top.device), 0).cummax(-1).values  # [R, k]
+    above = (top.cumsum(-1) - top).gather(-1, start)  # [R, k]: mass strictly more probable than each
     kept = above < top_p
     floor = torch.where(kept, top, torch.inf).amin(-1)
     return floor if complete else torch.where(kept[:, -1], -1.0, floor)
