@@ -106,12 +106,13 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
     """The bare loop the engine cannot beat: one cached teacher forward and one cached student forward per
     token, through the engine's own ``BatchedContext`` (same KV store, same explicit masks)."""
     from rsd_toolkit.engine import BatchedContext
+    from rsd_toolkit.engine.context import static_default
 
     prompts = prompts or [PROMPT] * batch
     V_s = student.vocab.size
 
     def run():
-        tc, sc = BatchedContext(teacher.model, batch), BatchedContext(student.model, batch)
+        tc, sc = (BatchedContext(lm.model, batch, static=static_default(lm.model)) for lm in (teacher, student))
         tc.extend([teacher.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
         sc.extend([student.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
         for _ in range(new_tokens):
@@ -128,9 +129,11 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
 
 def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: str, mode: str = "rsd",
                 prompts: list[str] | None = None, step_ms: list | None = None,
-                static_step: bool | None = None) -> tuple[float, dict]:  # fmt: skip
-    """RSD tok/s and the run's stats (``static_step``: the engine's default, or forced on/off)."""
-    engine = RSDEngine(teacher, student, RSDConfig(mode=mode, max_new_tokens=new_tokens), static_step=static_step)
+                static_step: bool | None = None, draft_tokens: int = 0, traces: list | None = None) -> tuple[float, dict]:  # fmt: skip
+    """RSD tok/s and the run's stats (``static_step``: the engine's default, or forced on/off; ``traces``:
+    receives the traces)."""
+    config = RSDConfig(mode=mode, max_new_tokens=new_tokens, draft_tokens=draft_tokens)
+    engine = RSDEngine(teacher, student, config, static_step=static_step)
     prompts = prompts or [PROMPT] * batch
     if step_ms is not None:  # instrument the step (benchmark only): time per decode step, start vs end of a trace
         step = engine._step
@@ -144,6 +147,8 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
         engine._step = timed_step
     out = []
     seconds = timed(lambda: out.extend(engine.generate(prompts[:batch], batch_size=batch)), device)
+    if traces is not None:
+        traces.extend(out)
     tokens = sum(len(t.ids) for t in out)
     accepted, decisions = sum(t.accepted for t in out), sum(t.decisions for t in out)
     info = {"kind": engine.kind, "tokens": tokens, "acceptance": accepted / decisions if decisions else None,
@@ -168,10 +173,11 @@ def per_model_step_ms(teacher: LM, student: LM, batch: int, device: str, steps: 
     import statistics
 
     from rsd_toolkit.engine import BatchedContext
+    from rsd_toolkit.engine.context import static_default
 
     out = {}
     for side, lm in (("teacher", teacher), ("student", student)):
-        ctx = BatchedContext(lm.model, batch)
+        ctx = BatchedContext(lm.model, batch, static=static_default(lm.model))
         ctx.extend([lm.prompt(PROMPT, RSDConfig())[1]] * batch)
         times = [1000 * timed(lambda: ctx.extend([[7]] * batch), device) for _ in range(steps)]
         out[side] = statistics.median(times[steps // 4 :])  # after capture and warm-up
@@ -336,6 +342,91 @@ def run_real(args, report: dict) -> None:
     report["targets_met"] = targets
 
 
+# ------------------------------------------------------------------------------- speculative RSD (issue 20)
+LOOP_BELOW = 0.5  # a trace whose share of distinct 4-grams is below this is a loop, not text
+
+
+def distinct_4grams(ids: list[int]) -> float:
+    """Share of distinct 4-grams among a trace's 4-grams (1.0: no repetition; loops go towards 0)."""
+    grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def run_speculative(args, report: dict) -> None:
+    """Rows for K in ``--draft-tokens`` at each batch: speculative RSD against step RSD (K = 0), teacher-only
+    ``generate`` and the two-forward limit, all on the same pair in one run. The pair: the real SmolLM2 teacher
+    and a same-tokenizer student whose traces are text (its first layers, distilled on the teacher's traces;
+    ``students.py``); rows whose traces are loops are counted out of the acceptance figures."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from students import load_distilled_student
+
+    from rsd_toolkit.models import load_lm
+
+    teacher = no_stops(load_lm("asset:smollm2", dtype="float32", device=args.device))
+    student = no_stops(load_distilled_student(args.device))
+    prompts = REAL_PROMPTS * 8
+    n = args.new_tokens or 512
+    ks = [int(k) for k in args.draft_tokens.split(",")]
+    spec = report["speculative"] = {"teacher": "SmolLM2-135M-Instruct (asset:smollm2)", "student": student.name,
+                                    "params": {"teacher": params(teacher), "student": params(student)},
+                                    "new_tokens": n, "loop_below_distinct_4grams": LOOP_BELOW, "rows": []}  # fmt: skip
+    for batch in [int(b) for b in (args.batches or "1,4,16").split(",")]:
+        engine_rate(teacher, student, batch, 16, args.device, prompts=prompts, draft_tokens=max(ks))  # warm-up
+        limit = two_forward_limit(teacher, student, batch, n, args.device, prompts)
+        generate = generate_rate(teacher, batch, n, args.device, prompts)
+        step = None
+        for K in ks:
+            traces: list = []
+            rate, info = engine_rate(teacher, student, batch, n, args.device, prompts=prompts, draft_tokens=K, traces=traces)
+            step = rate if K == 0 else step
+            text = [distinct_4grams(t.ids) for t in traces]
+            ok = [t for t, d in zip(traces, text) if d >= LOOP_BELOW]
+            acc = sum(t.accepted for t in ok) / max(1, sum(t.decisions for t in ok))
+            tokens = sum(len(t.ids) for t in traces)
+            drafted = info.get("drafted", 0) * tokens  # engine_rate divides stats by tokens
+            row = {
+                "batch": batch, "draft_tokens": K, "tok_s": rate,
+                "spec_over_step": rate / step if step else None, "spec_over_generate": rate / generate if generate else None,
+                "spec_over_limit": rate / limit,
+                "teacher_forwards_per_token": info.get("row_rounds", tokens) if K else 1.0,
+                "draft_acceptance": info["draft_accepted"] / info["drafted"] if drafted else None,
+                "rsd_acceptance_text_rows": acc, "text_rows": len(ok), "loop_rows": len(traces) - len(ok),
+                "distinct_4grams_per_row": [round(d, 3) for d in text],
+                "teacher_computed_over_real": info.get("teacher_computed_over_real"),
+                "student_computed_over_real": info.get("student_computed_over_real"),
+                "limit_tok_s": limit, "generate_tok_s": generate,
+            }  # fmt: skip
+            for side in ("student", "teacher"):
+                if info.get(f"{side}_cache_longest"):
+                    row[f"{side}_cache_width_over_longest_mean"] = info[f"{side}_cache_width"] / info[f"{side}_cache_longest"]
+                    row[f"{side}_cache_width_over_longest_max"] = info[f"{side}_cache_width_over_longest_max"] * tokens
+            spec["rows"].append(row)
+            print(f"batch {batch} K {K}: {rate:.1f} tok/s = {row['spec_over_step'] or 1:.2f}x step, "
+                  f"{row['spec_over_generate'] or 0:.2f}x generate ({generate:.1f}), {rate / limit:.2f}x limit ({limit:.1f}); "
+                  f"forwards/token {row['teacher_forwards_per_token']:.2f}, draft acceptance {row['draft_acceptance']}, "
+                  f"loops {row['loop_rows']}/{len(traces)}", file=sys.stderr, flush=True)  # fmt: skip
+    report["targets_met"] = speculative_targets(spec["rows"], args.recommended_k)
+
+
+def speculative_targets(rows: list[dict], recommended: int) -> dict:
+    targets = {}
+    for r in rows:
+        if r["draft_tokens"] == 0:
+            continue
+        if r["batch"] == 1:
+            targets[f"K{r['draft_tokens']}_b1_over_step>=1.4"] = r["spec_over_step"] >= 1.4
+            targets[f"K{r['draft_tokens']}_b1_over_generate>=1.1"] = r["spec_over_generate"] is not None and r["spec_over_generate"] >= 1.1
+            targets[f"K{r['draft_tokens']}_b1_teacher_forwards_per_token<=0.5"] = r["teacher_forwards_per_token"] <= 0.5
+        if r["batch"] == 16 and r["draft_tokens"] == recommended:
+            targets[f"K{recommended}_b16_over_step>=1.0"] = r["spec_over_step"] >= 1.0
+        for side in ("teacher", "student"):
+            if r.get(f"{side}_computed_over_real") is not None:
+                targets[f"K{r['draft_tokens']}_b{r['batch']}_{side}_computed_over_real<=1.3"] = r[f"{side}_computed_over_real"] <= 1.3
+            if r.get(f"{side}_cache_width_over_longest_mean") is not None:
+                targets[f"K{r['draft_tokens']}_b{r['batch']}_{side}_cache_width<=1.25x_longest"] = r[f"{side}_cache_width_over_longest_mean"] <= 1.25
+    return targets
+
+
 def at_least_one(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
@@ -345,8 +436,11 @@ def at_least_one(value: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workload", choices=("random", "real"), default="random",
-                    help="random: random models (every proposal rejected); real: SmolLM2 teacher, real-weights students")
+    ap.add_argument("--workload", choices=("random", "real", "speculative"), default="random",
+                    help="random: random models (every proposal rejected); real: SmolLM2 teacher, real-weights students; "
+                         "speculative: SmolLM2 teacher, distilled same-tokenizer student, K = --draft-tokens")
+    ap.add_argument("--draft-tokens", default="0,2,4,8", help="speculative: comma-separated K (0 = step RSD, the baseline)")
+    ap.add_argument("--recommended-k", type=int, default=4, help="speculative: the K whose batch-16 row must not slow down")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random workload: default cpu on cpu, qwen on cuda")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's; real: 1,16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (random), 512 (real)")
@@ -356,12 +450,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=at_least_one, default=1, help="real: measure limit and engine this many times, interleaved; best of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    args.draft_tokens_given = "--draft-tokens" in sys.argv
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "workload": args.workload, "repeats": args.repeats, "rows": [],
     }  # fmt: skip
     if args.workload == "real":
         run_real(args, report)
+        if args.draft_tokens_given:  # the speculative rows on the same workload's teacher
+            targets = report["targets_met"]
+            run_speculative(args, report)
+            report["targets_met"] = {**targets, **report["targets_met"]}
+    elif args.workload == "speculative":
+        run_speculative(args, report)
     else:
         run_random(args, report)
     print(json.dumps(report, indent=2) if args.json else json.dumps(report["targets_met"], indent=2))

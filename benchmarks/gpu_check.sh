@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The engine's GPU checks in one run (~8 min on an H100/H200): the CUDA-graph tests (graph == eager
+# The engine's GPU checks in one run (~10 min on an H100/H200): the CUDA-graph tests (graph == eager
 # tokens), then the qwen-preset benchmark at batch 1 and 64 (exact and bridged RSD, two-forward limit,
 # teacher-only generate, per-model step ms, graph hit rate). JSON goes to ${OUT:-.}/results_engine_cuda.json.
 set -euo pipefail
@@ -7,6 +7,10 @@ out=${OUT:-.}
 export PYTHONUNBUFFERED=1
 python -m pytest -q tests/test_engine.py tests/test_context.py -k "static or cuda or graph" 2>&1 | tee "$out/gpu_tests.log"
 python benchmarks/bench_engine.py --device cuda --preset qwen --batches 1,64 --json > "$out/results_engine_cuda.json"
+# speculative RSD rows (K = 0, 2, 4, 8 at batch 1, 4, 16) on the real SmolLM2 teacher with the distilled
+# same-tokenizer student: needs the fetched assets (RSD_CACHE carried along; the device reaches no registry)
+python benchmarks/bench_engine.py --device cuda --workload speculative --batches 1,4,16 --draft-tokens 0,2,4,8 \
+    --json > "$out/results_engine_speculative_cuda.json"
 python - "$out/results_engine_cuda.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -13,6 +13,7 @@ from .checks import InputError, number, regex
 MODES = ("rsd", "teacher", "student")
 ACCEPTANCE_PROBS = ("raw", "tempered")
 FALLBACKS = ("sample", "strict", "topk")
+MAX_DRAFT_TOKENS = 32  # a verify block wider than this only adds rejected drafts
 
 
 class ConfigError(InputError):
@@ -49,6 +50,9 @@ class RSDConfig:
                                  "rejected): the two limits of RSD, run through its own code path as ablations.")  # fmt: skip
     stop_strings: tuple[str, ...] = _f((), "Extra strings that end a trace (EOS / end-of-turn always do).")
     chat_template: bool = _f(True, "Wrap prompts in each model's own chat template (when it has one).")
+    draft_tokens: int = _f(0, "Speculative RSD: the student drafts up to this many tokens, one teacher forward verifies "
+                           "them all, and the trace keeps RSD's exact distribution (0 = one teacher forward per token). "
+                           "Same-tokenizer pairs only; bridged pairs decode step by step.")  # fmt: skip
 
     def __post_init__(self):
         self.validate()
@@ -73,6 +77,7 @@ class RSDConfig:
         number(self.k, "k", low=1, error=ConfigError)
         number(self.teacher_draws, "teacher_draws", low=1, error=ConfigError)
         number(self.seed, "seed", low=0, error=ConfigError)
+        number(self.draft_tokens, "draft_tokens", low=0, high=MAX_DRAFT_TOKENS, error=ConfigError)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError("stop strings must be non-empty strings")
         self.stop_strings = tuple(self.stop_strings)

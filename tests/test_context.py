@@ -54,7 +54,7 @@ def test_random_edits_match_plain_forward(arch):
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
 
 
-def test_scores_are_the_logits_before_each_appended_token():
+def test_scores_are_the_logits_predicting_each_appended_token():
     lm = tiny_lm("asset:qwen2", "llama", seed=3)
     ctx = BatchedContext(lm.model, 2)
     ctx.extend([[11, 12, 13], [21]])
@@ -63,8 +63,12 @@ def test_scores_are_the_logits_before_each_appended_token():
     with torch.inference_mode():
         full = lm.model(input_ids=torch.tensor([[11, 12, 13, 14, 15, 16]])).logits[0]
     torch.testing.assert_close(before[0], full[2], atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(outs[0], full[3:5], atol=2e-4, rtol=1e-4)  # predict 15 and 16
-    assert outs[1].shape[0] == 0
+    torch.testing.assert_close(outs[0], full[2:5], atol=2e-4, rtol=1e-4)  # predict 14, 15 and 16
+    torch.testing.assert_close(outs[0][0], before[0])
+    with torch.inference_mode():
+        second = lm.model(input_ids=torch.tensor([[21]])).logits[0]
+    assert outs[1].shape[0] == 1
+    torch.testing.assert_close(outs[1][0], second[0], atol=2e-4, rtol=1e-4)  # predicts 22
 
 
 def test_long_appends_run_as_a_sub_batch(monkeypatch):
@@ -85,7 +89,7 @@ def test_long_appends_run_as_a_sub_batch(monkeypatch):
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
     with torch.inference_mode():
         full = lm.model(input_ids=torch.tensor([seqs[3]])).logits[0]
-    torch.testing.assert_close(outs[3], full[1:5], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[3], full[0:5], atol=2e-4, rtol=1e-4)
     ctx.extend([[1], [2], [3], [4]])  # and the cache keeps working afterwards
     for b, seq in enumerate(seqs):
         seq.append(b + 1)
@@ -146,7 +150,7 @@ def test_a_probe_of_a_few_rows_computes_only_those_rows():
     ctx.positions = {"real": 0, "computed": 0}
     out = ctx.extend([[], [20, 21, 22], [], []], scores=True)
     assert ctx.positions == {"real": 3, "computed": 3}
-    assert out[0] is None and out[1].shape[0] == 2
+    assert out[0] is None and out[1].shape[0] == 3
     seqs[1] += [20, 21, 22]
     ctx.extend([[30], [31], [32], [33]])  # the next full step still matches a plain forward on every row
     for b, s in enumerate(seqs):

@@ -86,3 +86,21 @@ def test_acceptance_rule_is_every_token_passes():
     probs = torch.softmax(logits, -1)
     assert allowed.tolist() == (probs >= 0.01).tolist()  # the strict fallback's choices obey the same rule
     assert not sampling.strict_choices(logits, RSDConfig(pth=0.01), excluded=allowed)[0].any()
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.5])
+def test_nucleus_is_the_distribution_sample_draws(top_p):
+    """``nucleus`` (used where the whole distribution is needed: speculative RSD) equals the exact nucleus,
+    for sharp rows, rows wider than the first candidate tiers (full sort), and ties at the cut."""
+    torch.manual_seed(3)
+    rows = torch.cat([torch.randn(3, 3000) * 4, torch.randn(2, 3000) * 0.1, torch.randn(1, 3000) * 1.5])  # sharp, flat, between
+    probs = torch.softmax(rows, -1)
+    tied = torch.tensor([0.3, 0.2, 0.2, 0.2, 0.1] + [0.0] * 2995)  # the cut falls inside a run of ties
+    probs = torch.cat([probs, tied[None]])
+    got = sampling.nucleus(probs, top_p)
+    for r in range(probs.shape[0] - 1):
+        torch.testing.assert_close(got[r], exact_top_p(probs[r], top_p), atol=1e-6, rtol=1e-5)
+    keep = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0 if top_p > 0.9 else 0.0] + [0.0] * 2995)  # above each 0.2: 0.3; above 0.1: 0.9
+    torch.testing.assert_close(got[-1], tied * keep / (tied * keep).sum())
+    ids = draw(probs[5], lambda p, u: sampling.sample(p, u, top_p))
+    assert_distributed_as(ids, got[5])

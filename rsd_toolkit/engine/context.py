@@ -36,15 +36,13 @@ def static_default(model) -> bool:
 
 
 class BatchedContext:
-    """``static``: run one-token-per-row blocks at fixed shapes (default: on CUDA, as CUDA graphs); a
-    ``StaticStep`` to share (contexts merged into this one pass theirs)."""
+    """``static``: run one-token-per-row blocks at fixed shapes (CUDA graphs on CUDA): a ``StaticStep`` to
+    share, or True for a new one. Off by default: the engine decides, once per model (``static_default``)."""
 
-    def __init__(self, model, batch_size: int, static: bool | StaticStep | None = None):
+    def __init__(self, model, batch_size: int, static: bool | StaticStep = False):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
-        if static is None:
-            static = static_default(model)
         if static is True:
             static = StaticStep.for_model(model)
         self.static: StaticStep | None = static or None
@@ -93,11 +91,13 @@ class BatchedContext:
     def extend(self, appends: list[list[int]], scores: bool = False) -> list[torch.Tensor | None] | None:
         """Append ``appends[b]`` to row b (rows with ``[]`` are untouched); updates ``last_logits``.
 
-        With ``scores``, returns per row the logits [len(appends[b]) - 1, V] predicting appended tokens
-        2.. (the first token's predictor is the previous ``last_logits``). When a few rows append many
+        With ``scores``, returns per row the logits [len(appends[b]), V] predicting each appended token
+        (the first one's are the row's previous ``last_logits``). When a few rows append many
         tokens and the rest one (e.g. a long catch-up), those rows run as a second, smaller forward
         instead of padding the whole batch to their width; when only a few rows append at all, only they run.
         """
+        if scores and self.last_logits is None:
+            raise ValueError("scores need a context that already holds a token of every row (prefill first)")
         B = self.batch_size
         n = max((len(a) for a in appends), default=0)
         touched = [b for b, a in enumerate(appends) if a]
@@ -142,6 +142,7 @@ class BatchedContext:
             return [None] * len(appends) if scores else None
         rows_list = list(range(self.batch_size)) if rows is None else rows
         R = len(rows_list)
+        prev = self.last_logits  # [B, V]: predicts each row's first appended token (read before it changes)
         ids = torch.zeros(R, n, dtype=torch.long)
         real = torch.zeros(R, n, dtype=torch.bool)
         pos = torch.zeros(R, n, dtype=torch.long)
@@ -184,8 +185,12 @@ class BatchedContext:
             self.last_logits = self.last_logits.index_copy(0, dst, src)
         if not scores:
             return None
-        block = torch.cat(outputs, dim=1)  # [R, n, V]
-        return [block[j, n - len(a) : n - 1] if a else None for j, a in enumerate(appends)]
+        # [R, n+1, V]: column c + 1 holds the logits after block column c; column n - len(a) of a row holds its
+        # previous last logits, which predict its first appended token (one copy for all rows, no per-row cat)
+        block = torch.cat([outputs[0].new_empty(R, 1, outputs[0].shape[-1]), *outputs], dim=1)
+        first = torch.tensor([n - len(appends[j]) for j in touched], device=block.device)
+        block[torch.tensor(touched, device=block.device), first] = prev[torch.tensor([rows_list[j] for j in touched], device=prev.device)].to(block.device, block.dtype)
+        return [block[j, n - len(a) : n] if a else None for j, a in enumerate(appends)]
 
     def _forward(self, cache, valid, ids, real, pos, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = ids.shape[1]
@@ -216,10 +221,11 @@ class BatchedContext:
         self.cache.put_rows(index, sub, n)
 
     # -- housekeeping -----------------------------------------------------------------------------
-    def maybe_compact(self) -> None:
-        """Compact when the cache is over 1.25x the longest row + 64 slots (never between checkpoint and restore)."""
+    def maybe_compact(self, slack: int = 64) -> None:
+        """Compact when the cache is over 1.25x the longest row + ``slack`` slots (never between checkpoint
+        and restore). Speculation passes the width of one round: its rejected drafts leave holes every round."""
         longest = max(self.lengths(), default=0)
-        if self.valid.shape[1] > 1.25 * longest + 64:
+        if self.valid.shape[1] > 1.25 * longest + slack:
             self.compact()
 
     @torch.inference_mode()

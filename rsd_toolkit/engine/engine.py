@@ -19,10 +19,10 @@ import time
 from collections import Counter, deque
 import torch
 
-from ..bridges import STUDENT, TEACHER, Update, make_bridge, push_all
+from ..bridges import NO_TOKEN, STUDENT, TEACHER, Step, Update, make_bridge, push_all
 from ..config import RSDConfig
 from ..models import LM
-from . import sampling, strict
+from . import sampling, speculative, strict
 from .context import BatchedContext, static_default
 from .static import StaticStep
 from .sampling import fit_vocab
@@ -70,7 +70,12 @@ class RSDEngine:
             s_dev = self.student.model.get_input_embeddings().weight.device
             if t_dev != s_dev:
                 log.info("teacher on %s, student on %s: logits are moved to the student's device", t_dev, s_dev)
-        self.uniforms = sampling.uniforms_per_step(config)
+        self.draft_map = self._draft_map() if config.draft_tokens and config.mode != "student" else None
+        self.speculative = self.draft_map is not None
+        if config.draft_tokens and not self.speculative:
+            log.warning("draft_tokens=%d needs a teacher, a student and a same-tokenizer pair (%s here): decoding "
+                        "step by step", config.draft_tokens, self.kind if self.run_teacher and self.run_student else config.mode)  # fmt: skip
+        self.uniforms = speculative.uniforms_per_round(config.draft_tokens) if self.speculative else sampling.uniforms_per_step(config)
         self.batch_cap: int | None = None  # set when the GPU ran out of memory
         self.stats: Counter = Counter()  # engine events of the last generate(): probed spans, mid-character proposals…
         # one fixed-shape step per model, kept across batches and calls: its CUDA graphs are reused
@@ -122,7 +127,7 @@ class RSDEngine:
             if todo and len(rows) <= batch_size * 3 // 4:
                 new = [self._new_row(i, prompts[i], seeds[i]) for i in _take(todo, batch_size - len(rows))]
                 self._join(ctx, rows, new)
-            self._step(rows, ctx)
+            (self._speculate if self.speculative else self._step)(rows, ctx)
             done = [b for b, r in enumerate(rows) if r.finish]
             if done:
                 for b in done:
@@ -164,7 +169,7 @@ class RSDEngine:
             if not active:
                 continue
             becomes_ctx = ctx[side] is None or not rows
-            fresh = BatchedContext(lm.model, len(new), static=(self.static[side] or False) if becomes_ctx else False)
+            fresh = BatchedContext(lm.model, len(new), static=(self.static[side] or False) if becomes_ctx else False)  # merged: ours
             fresh.extend([r.ids[side] for r in new])
             self.stats[f"{side}_prompt_positions"] += fresh.positions["computed"]
             fresh.positions = {"real": 0, "computed": 0}
@@ -175,27 +180,129 @@ class RSDEngine:
         rows.extend(new)
 
     def _step(self, rows: list[Row], ctx: dict) -> None:
-        """One token decision for every row: catch the models up, decide, commit."""
-        cfg = self.config
-        for side, active in ((TEACHER, self.run_teacher), (STUDENT, self.run_student)):
-            if active:
-                ctx[side].maybe_compact()
-                self._feed(ctx[side], rows, side)
+        """One token decision for every row: catch the models up, decide (the mode's policy), commit."""
+        self._catch_up(rows, ctx)
         u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows])  # [B, uniforms]
-        split = sampling.UNIFORMS_PER_DRAW * cfg.teacher_draws  # teacher draws | fallback draw
         s_logits = self._logits(ctx[STUDENT], self.student) if self.run_student else None  # [B, V_s]
         t_logits = self._logits(ctx[TEACHER], self.teacher) if self.run_teacher else None  # [B, V_t]
-        if cfg.mode == "student":
-            picks = sampling.sample(sampling.tempered_probs(s_logits, cfg.temperature), u[:, split:].to(s_logits.device), cfg.top_p)
-            decided = self._trials(rows, STUDENT, dict(enumerate(picks.tolist())))
-        elif cfg.mode == "teacher":
-            cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), cfg)[:, 0].tolist()  # [B]
-            decided = self._trials(rows, TEACHER, dict(enumerate(cands)))
-        else:
-            decided = self._rsd(rows, ctx[STUDENT], t_logits, s_logits, u)
+        policy = {"student": self._student_only, "teacher": self._teacher_only, "rsd": self._rsd}[self.config.mode]
+        decided = policy(rows, ctx[STUDENT], t_logits, s_logits, u)
         if self.run_student:  # every entering token is scored once (judged candidates already are)
             self._score(rows, ctx[STUDENT], s_logits, {b: c for b, c in decided.items() if c.p_s is None}, judge=False)
-        self._commit(rows, decided, t_logits)
+        self._set_teacher_probs(decided, t_logits)
+        for b, c in decided.items():
+            self._commit(rows[b], c)
+
+    def _catch_up(self, rows: list[Row], ctx: dict, slack: int = 64, sides=(TEACHER, STUDENT)) -> None:
+        """Feed every row's pending update to each running model of ``sides`` (one forward per model)."""
+        for side, active in ((TEACHER, self.run_teacher), (STUDENT, self.run_student)):
+            if active and side in sides:
+                ctx[side].maybe_compact(slack)
+                self._feed(ctx[side], rows, side)
+
+    def _student_only(self, rows: list[Row], s_ctx, t_logits, s_logits, u) -> dict[int, Candidate]:
+        """Mode ``student``: the student samples every token (tempered, top-p)."""
+        cfg, split = self.config, sampling.UNIFORMS_PER_DRAW * self.config.teacher_draws
+        picks = sampling.sample(sampling.tempered_probs(s_logits, cfg.temperature), u[:, split:].to(s_logits.device), cfg.top_p)
+        return self._trials(rows, STUDENT, dict(enumerate(picks.tolist())))
+
+    def _teacher_only(self, rows: list[Row], s_ctx, t_logits, s_logits, u) -> dict[int, Candidate]:
+        """Mode ``teacher`` (direct distillation): the teacher's proposal always enters."""
+        split = sampling.UNIFORMS_PER_DRAW * self.config.teacher_draws
+        cands = sampling.propose(t_logits, u[:, :split].to(t_logits.device), self.config)[:, 0].tolist()  # [B]
+        return self._trials(rows, TEACHER, dict(enumerate(cands)))
+
+    # -- speculative RSD (config.draft_tokens > 0, same-tokenizer pairs) ---------------------------
+    def _draft_map(self) -> torch.Tensor | None:
+        """Teacher id of each student id [V_s] when the pair is token for token (identical, or remappable
+        with a 1:1 table both ways): drafts are then the teacher's tokens too. None: no speculation."""
+        if not (self.run_teacher and self.run_student):
+            return None
+        if self.bridge.keeps_sampled_ids:
+            return torch.arange(self.student.vocab.size)
+        s2t, t2s = self.bridge.maps[STUDENT].table, self.bridge.maps[TEACHER].table
+        if self.kind != "remappable" or s2t is None or t2s is None or len(s2t) != len(t2s):
+            return None
+        if any(t == NO_TOKEN or t2s[t] != s for s, t in enumerate(s2t)):
+            return None  # one-sided tokens: a draft could have no teacher counterpart
+        return torch.tensor(s2t)
+
+    def _speculate(self, rows: list[Row], ctx: dict) -> None:
+        """One speculative round for every row (``speculative``: exact RSD, or teacher sampling):
+
+        draft     the student samples K tokens, one one-token forward each       drafts [B, K]
+        verify    one teacher forward scores all K+1 positions                   q at every position
+        accept    each draft with prob min(1, q/g) until the first rejection     ``speculative.verify``
+        commit    the kept drafts and one corrected (or bonus) token; the rejected drafts are rolled back
+        """
+        cfg, K = self.config, self.config.draft_tokens
+        s_ctx, t_ctx = ctx[STUDENT], ctx[TEACHER]
+        t_ctx.maybe_compact(slack=K + 1)  # the teacher catches up in the verify forward
+        self._catch_up(rows, ctx, slack=K + 1, sides=(STUDENT,))
+        for side, c in ((STUDENT, s_ctx), (TEACHER, t_ctx)):  # how wide the caches run under speculation
+            width, longest = c.valid.shape[1], max(c.lengths(), default=0)
+            self.stats[f"{side}_cache_width"] += width
+            self.stats[f"{side}_cache_longest"] += longest
+            self.stats[f"{side}_cache_width_over_longest_max"] = max(self.stats[f"{side}_cache_width_over_longest_max"], width / max(1, longest))
+        dev = self._decision_device
+        u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows]).to(dev)  # [B, uniforms]
+        s_logits = [self._logits(s_ctx, self.student)]  # predicting draft position 0
+        drafts = []
+        for j in range(K):
+            probs = sampling.tempered_probs(s_logits[-1], cfg.temperature)
+            drafts.append(sampling.sample(probs, u[:, j * sampling.UNIFORMS_PER_DRAW : (j + 1) * sampling.UNIFORMS_PER_DRAW], cfg.top_p))
+            s_ctx.extend([[d] for d in drafts[-1].tolist()])
+            s_logits.append(self._logits(s_ctx, self.student))
+        S = torch.stack(s_logits, 1)  # [B, K+1, V_s]
+        D = torch.stack(drafts, 1)  # [B, K]
+        T = self._verify_forward(rows, t_ctx, D)  # [B, K+1, V_t]
+        B, V = S.shape[0], S.shape[-1]
+        t = speculative.teacher_probs(T.flatten(0, 1), cfg)  # [B(K+1), V_t]
+        if not self.bridge.keeps_sampled_ids:
+            t = t[:, self.draft_map.to(T.device)]  # [B(K+1), V_s]: on the student's ids
+        q, q_teacher = speculative.rsd_target(t, S.flatten(0, 1), cfg)
+        g = speculative.draft_probs(S[:, :K].flatten(0, 1), cfg).view(B, K, V)
+        accepted, tokens, from_teacher = speculative.verify(q.view(B, K + 1, V), q_teacher.view(B, K + 1, V), g, D, u[:, K * sampling.UNIFORMS_PER_DRAW :])
+        p_s, _ = sampling.token_scores(S.flatten(0, 1), tokens.flatten(), cfg)  # [B(K+1)]
+        p_t = sampling.TokenProbs(fit_vocab(T.flatten(0, 1), self.teacher.vocab.size)).at(
+            torch.arange(B * (K + 1), device=T.device), self.draft_map.to(T.device)[tokens.flatten()]
+        )  # fmt: skip
+        last_resort = ~speculative.acceptable(S.flatten(0, 1), cfg).any(-1) if cfg.fallback == "strict" and cfg.mode == "rsd" else None
+        accepted, tokens, from_teacher = accepted.tolist(), tokens.tolist(), from_teacher.tolist()
+        p_s, p_t = p_s.view(B, K + 1).tolist(), p_t.view(B, K + 1).tolist()
+        self.stats["spec_rounds"] += 1  # teacher forwards
+        self.stats["row_rounds"] += B  # teacher positions verified per row: rounds x rows
+        self.stats["drafted"] += B * K
+        self.stats["draft_accepted"] += sum(accepted)
+        for b, row in enumerate(rows):
+            for c in (s_ctx, t_ctx):
+                c.rollback(b, K - accepted[b])  # the rejected drafts leave both caches
+            for j in range(accepted[b] + 1):
+                y, source = tokens[b][j], TEACHER if from_teacher[b][j] else STUDENT
+                c = Candidate(row.pair, Step(student=Update(0, [y]), teacher=Update(0, [int(self.draft_map[y])])), source, y,
+                              p_s=[p_s[b][j]], in_cache=j < accepted[b], in_teacher_cache=j < accepted[b])  # fmt: skip
+                if cfg.mode == "rsd":
+                    row.decisions += 1
+                    row.accepted += source == TEACHER
+                    if last_resort is not None and source == STUDENT and bool(last_resort[b * (K + 1) + j]):
+                        c.last_resort = True  # S was empty: the student's argmax, whatever its p_s
+                        self.stats["strict_last_resort"] += 1
+                c.p_t = p_t[b][j] if source == TEACHER else None
+                if self._commit(row, c):
+                    break
+
+    def _verify_forward(self, rows: list[Row], t_ctx: BatchedContext, drafts: torch.Tensor) -> torch.Tensor:
+        """The teacher's pending token and the drafts [B, K] in one forward; returns the teacher logits
+        [B, K+1, V_t] predicting each draft position and the one after the last."""
+        K = drafts.shape[1]
+        appends = []
+        for b, row in enumerate(rows):
+            pending, row.pending[TEACHER] = row.pending[TEACHER], None
+            assert pending is None or not pending.rollback, "speculative rows only ever append"
+            appends.append((list(pending.append) if pending is not None else []) + self.draft_map[drafts[b]].tolist())
+        outs = t_ctx.extend(appends, scores=True)  # per row: logits predicting each appended token
+        T = torch.cat([torch.stack([o[len(o) - K :] for o in outs]), t_ctx.last_logits[:, None]], dim=1)
+        return fit_vocab(T, self.teacher.vocab.size).to(self._decision_device)
 
     def _rsd(self, rows: list[Row], s_ctx: BatchedContext, t_logits, s_logits, u) -> dict[int, Candidate]:
         """RSD for every row (the paper's algorithm, batched):
@@ -307,13 +414,9 @@ class RSDEngine:
             return None
         return c.span_logits[j]
 
-    def _trial(self, row: Row, side: str, token: int) -> Candidate:
-        pair = row.pair.copy()
-        return Candidate(pair, pair.push(side, token), side, token)
-
     def _trials(self, rows: list[Row], side: str, tokens: dict[int, int]) -> dict[int, Candidate]:
-        """``{b: self._trial(rows[b], side, t)}`` as one bridge call for the step (``push_all`` groups the
-        rows' tokenizer calls); its time goes to ``stats["bridge_s"]``."""
+        """Each row's token pushed on a trial copy of its pair, as one bridge call for the step (``push_all``
+        groups the rows' tokenizer calls); its time goes to ``stats["bridge_s"]``."""
         t0 = time.perf_counter()
         pairs = [rows[b].pair.copy() for b in tokens]
         steps = push_all(pairs, side, list(tokens.values()))
@@ -359,36 +462,38 @@ class RSDEngine:
                 cands[b].in_cache = False
         return enter
 
-    def _commit(self, rows: list[Row], decided: dict[int, Candidate], t_logits) -> None:
-        """Apply each row's decided candidate: ids, records (p_s as scored), the models' pending updates."""
-        p_t = self._teacher_probs(decided, t_logits)
-        for b, c in decided.items():
-            row, su, tu = rows[b], c.step.student, c.step.teacher
-            row.pair = c.pair
-            row.ids[STUDENT] = su.apply(row.ids[STUDENT])
-            if su.rollback:
-                del row.records[len(row.records) - su.rollback :]
-            row.records += [TokenRecord(t, c.source, p, last_resort=c.last_resort and p is not None and p < self.config.pth)
-                            for t, p in zip(su.append, c.p_s or [None] * len(su.append))]  # fmt: skip
-            if b in p_t:
-                row.records[-1].p_t = p_t[b]
-            if self.run_student and not c.in_cache:  # probed tokens are in the student's cache already
-                row.pending[STUDENT] = su if row.pending[STUDENT] is None else row.pending[STUDENT].then(su)
-            row.ids[TEACHER] = tu.apply(row.ids[TEACHER])
-            if self.run_teacher:  # a side with no model keeps no pending work
-                row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
-            self._check_finished(row, c)
+    def _commit(self, row: Row, c: Candidate) -> bool:
+        """Apply one decided candidate to its row: ids, records (p_s as scored; a strict last resort's
+        sub-pth tokens marked), the models' pending updates (none for a side whose cache holds the tokens
+        already). True when the row is finished."""
+        su, tu = c.step.student, c.step.teacher
+        row.pair = c.pair
+        row.ids[STUDENT] = su.apply(row.ids[STUDENT])
+        if su.rollback:
+            del row.records[len(row.records) - su.rollback :]
+        row.records += [TokenRecord(t, c.source, p, last_resort=c.last_resort and p is not None and p < self.config.pth)
+                        for t, p in zip(su.append, c.p_s or [None] * len(su.append))]  # fmt: skip
+        if c.p_t is not None:
+            row.records[-1].p_t = c.p_t
+        if self.run_student and not c.in_cache:  # probed or drafted tokens are in the student's cache already
+            row.pending[STUDENT] = su if row.pending[STUDENT] is None else row.pending[STUDENT].then(su)
+        row.ids[TEACHER] = tu.apply(row.ids[TEACHER])
+        if self.run_teacher and not c.in_teacher_cache:  # a side with no model keeps no pending work
+            row.pending[TEACHER] = tu if row.pending[TEACHER] is None else row.pending[TEACHER].then(tu)
+        self._check_finished(row, c)
+        return row.finish is not None
 
-    def _teacher_probs(self, decided: dict[int, Candidate], t_logits) -> dict[int, float]:
+    def _set_teacher_probs(self, decided: dict[int, Candidate], t_logits) -> None:
         """p_t of accepted teacher tokens that became one student token 1:1 (their 1:1 counterpart)."""
         image = self.bridge.maps[TEACHER].image
         one_to_one = [b for b, c in decided.items()
                       if c.source == TEACHER and c.step.student == Update(0, [image(c.token)])]  # fmt: skip
         if t_logits is None or not one_to_one:
-            return {}
+            return
         idx = torch.tensor(one_to_one, device=t_logits.device)
         tok = torch.tensor([decided[b].token for b in one_to_one], device=t_logits.device)
-        return dict(zip(one_to_one, sampling.TokenProbs(t_logits).at(idx, tok).tolist()))
+        for b, p in zip(one_to_one, sampling.TokenProbs(t_logits).at(idx, tok).tolist()):
+            decided[b].p_t = p
 
     def _check_finished(self, row: Row, c: Candidate) -> None:
         if any(i in self.student.stop_ids for i in c.step.student.append) or (
@@ -441,17 +546,12 @@ class RSDEngine:
             else:
                 appends[b] = list(upd.append)
         need = score and any(appends)
-        prev = c.last_logits  # [B, V]: predicts each row's first appended token
-        outs = c.extend(appends, scores=need)
+        outs = c.extend(appends, scores=need)  # per row: logits predicting each appended token
         if not need:
             return {}
         lm = self.student if side == STUDENT else self.teacher
-        preds = {}
-        for b, upd in updates.items():
-            if upd.append:
-                logits = outs[b] if b in refed else torch.cat([prev[b : b + 1], outs[b]], dim=0)
-                preds[b] = fit_vocab(logits, lm.vocab.size).to(self._decision_device)
-        return preds
+        return {b: fit_vocab(outs[b][1:] if b in refed else outs[b], lm.vocab.size).to(self._decision_device)
+                for b, upd in updates.items() if upd.append}  # fmt: skip
 
 
 def _take(q: deque, n: int) -> list:

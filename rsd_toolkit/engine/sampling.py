@@ -150,15 +150,63 @@ def propose(teacher_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig) ->
 def fallback(student_logits: torch.Tensor, u: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """The student's own token when the teacher's is rejected (``config.fallback`` picks the rule).
     ``excluded`` [R, V]: strict choices already tried and rejected (drawn again without them)."""
+    if config.fallback == "sample":  # by rejection: no [R, V] nucleus mask
+        return sample(tempered_probs(student_logits, config.temperature), u, config.top_p)
+    return inverse_cdf(fallback_weights(student_logits, config, excluded), u[:, :1])[:, 0]
+
+
+def fallback_weights(student_logits: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """The fallback distribution as unnormalised weights [R, V] (what :func:`fallback` draws from).
+
+    ``sample``: tempered and top-p; ``topk``: tempered, restricted to the top-k; ``strict``: tempered,
+    restricted to the tokens the acceptance rule itself accepts, or the argmax if there is none."""
     probs = tempered_probs(student_logits, config.temperature)
     if config.fallback == "sample":
-        return sample(probs, u, config.top_p)
+        return nucleus(probs, config.top_p)
     if config.fallback == "topk":
-        return inverse_cdf(torch.where(topk_mask(student_logits, config.k), probs, 0.0), u[:, :1])[:, 0]
-    # strict: only tokens the acceptance rule itself would accept; the argmax if there is none.
+        return torch.where(topk_mask(student_logits, config.k), probs, 0.0)
     allowed = strict_choices(student_logits, config, excluded)
     allowed |= ~allowed.any(-1, keepdim=True) & topk_mask(student_logits, 1)
-    return inverse_cdf(torch.where(allowed, probs, 0.0), u[:, :1])[:, 0]
+    return torch.where(allowed, probs, 0.0)
+
+
+NUCLEUS_TOPK = (64, 1024)  # candidates examined, then for rows whose nucleus is wider, before a full sort
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` [R, V] restricted to the nucleus and renormalised: the distribution :func:`sample` draws.
+
+    A token is in the nucleus when the mass strictly more probable than it is below ``top_p`` (so ties
+    with the last kept token are kept, as in :func:`sample`). The cut is found among each row's largest
+    probabilities (``NUCLEUS_TOPK``); only a row whose nucleus is wider than those is sorted in full."""
+    if top_p >= 1.0:
+        return probs / probs.sum(-1, keepdim=True)
+    V = probs.shape[-1]
+    cut = torch.full(probs.shape[:1], -1.0, device=probs.device, dtype=probs.dtype)  # [R]; -1: not found yet
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*NUCLEUS_TOPK, V):
+        k = min(k, V)
+        rows = probs[todo]
+        top = rows.sort(dim=-1, descending=True).values if k == V else rows.topk(k, dim=-1).values
+        cut[todo] = _nucleus_floor(top, top_p, k == V)
+        todo = todo[cut[todo] < 0]
+        if not todo.numel():
+            break
+    kept = torch.where(probs >= cut[:, None], probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _nucleus_floor(top: torch.Tensor, top_p: float, complete: bool) -> torch.Tensor:
+    """The smallest kept probability per row, from its largest probabilities ``top`` [R, k] (descending);
+    -1 where even the k-th is kept and ``top`` is not the ``complete`` vocabulary (the cut lies further)."""
+    k = top.shape[-1]
+    first = torch.ones_like(top, dtype=torch.bool)  # the first of each run of equal probabilities
+    first[:, 1:] = top[:, 1:] != top[:, :-1]
+    start = torch.where(first, torch.arange(k, device=top.device), 0).cummax(-1).values  # [R, k]
+    above = (top.cumsum(-1) - top).gather(-1, start)  # [R, k]: mass strictly more probable than each
+    kept = above < top_p
+    floor = torch.where(kept, top, torch.inf).amin(-1)
+    return floor if complete else torch.where(kept[:, -1], -1.0, floor)
 
 
 def strict_choices(student_logits: torch.Tensor, config: RSDConfig, excluded: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,21 +56,12 @@ def score_completions(
         step = chunk_columns(len(idx), ctx.last_logits.shape[-1], max_logit_elements)
         for c0 in range(0, width, step):
             appends = [completions[i][c0 : c0 + step] for i in idx]
-            prev = ctx.last_logits  # predicts each row's first appended token
-            outs = ctx.extend(appends, scores=True)
-            rows = [j for j, a in enumerate(appends) if a]
-            first = torch.tensor([appends[j][0] for j in rows], device=prev.device)
-            rows_t = torch.tensor(rows, device=prev.device)
-            head = TokenProbs(fit_vocab(prev[rows_t], lm.vocab.size), temperature).log_at(
-                torch.arange(len(rows), device=prev.device), first
-            ).cpu()
-            for k, j in enumerate(rows):
-                parts[j].append(head[k : k + 1])
-                rest = appends[j][1:]
-                if rest:
+            outs = ctx.extend(appends, scores=True)  # per row: logits predicting each appended token
+            for j, a in enumerate(appends):
+                if a:
                     preds = fit_vocab(outs[j], lm.vocab.size)
-                    tok = torch.tensor(rest, device=preds.device)
-                    parts[j].append(TokenProbs(preds, temperature).log_at(torch.arange(len(rest), device=preds.device), tok).cpu())
+                    tok = torch.tensor(a, device=preds.device)
+                    parts[j].append(TokenProbs(preds, temperature).log_at(torch.arange(len(a), device=preds.device), tok).cpu())
         for j, i in enumerate(idx):
             out[i] = torch.cat(parts[j]) if parts[j] else torch.zeros(0)
         if progress is not None:

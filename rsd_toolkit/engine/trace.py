@@ -67,9 +67,11 @@ class Candidate:
     source: str  # TEACHER (a proposal) or STUDENT (its own token)
     token: int
     p_s: list[float] | None = None  # acceptance probability of each appended student token, set when scored
-    in_cache: bool = False  # scored by a probe forward whose cache entries stay
+    in_cache: bool = False  # in the student's cache already (a probe forward's entries, or a draft)
+    in_teacher_cache: bool = False  # in the teacher's cache already (a verified draft)
     span_logits: torch.Tensor | None = None  # [len(append), V_s] the probe's logits predicting each appended token
     last_resort: bool = False  # the strict fallback's last resort (no tried choice passed)
+    p_t: float | None = None  # the teacher's probability of its proposal, when 1:1
 
 
 @dataclass(eq=False)
