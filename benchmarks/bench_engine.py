@@ -24,7 +24,6 @@ prompt prefill included in every variant.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import platform
@@ -35,11 +34,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rsd_toolkit.bridges import load_tokenizer  # noqa: E402
 from rsd_toolkit.config import RSDConfig  # noqa: E402
 from rsd_toolkit.engine import RSDEngine  # noqa: E402
 from rsd_toolkit.models import LM  # noqa: E402
+from students import distinct_4grams, first_layers_model  # noqa: E402
 
 PRESETS = {
     # name: (architecture, dtype, teacher shape, student shape, default batch sizes)
@@ -248,15 +249,7 @@ def no_stops(lm: LM) -> LM:
 def first_layers(lm: LM, k: int, device: str) -> LM:
     """The same model cut to its first ``k`` decoder layers (embeddings, final norm and head kept): a
     real-weights student that shares the teacher's tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(lm.model.config)
-    config.num_hidden_layers = k
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:k]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {n: p for n, p in lm.model.state_dict().items() if not n.startswith("model.layers.") or int(n.split(".")[2]) < k}
-    model.load_state_dict(state)
+    model = first_layers_model(lm, k)
     model.config._attn_implementation = "sdpa"
     return LM.wrap(model.eval().to(device), lm.tokenizer, name=f"smollm2-135m-first{k}layers")
 
@@ -346,18 +339,11 @@ def run_real(args, report: dict) -> None:
 LOOP_BELOW = 0.5  # a trace whose share of distinct 4-grams is below this is a loop, not text
 
 
-def distinct_4grams(ids: list[int]) -> float:
-    """Share of distinct 4-grams among a trace's 4-grams (1.0: no repetition; loops go towards 0)."""
-    grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 def run_speculative(args, report: dict) -> None:
     """Rows for K in ``--draft-tokens`` at each batch: speculative RSD against step RSD (K = 0), teacher-only
     ``generate`` and the two-forward limit, all on the same pair in one run. The pair: the real SmolLM2 teacher
     and a same-tokenizer student whose traces are text (its first layers, distilled on the teacher's traces;
     ``students.py``); rows whose traces are loops are counted out of the acceptance figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from students import load_distilled_student
 
     from rsd_toolkit.models import load_lm

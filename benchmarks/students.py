@@ -32,7 +32,7 @@ TRAIN_STEPS = 28
 PER_DEVICE = 4
 
 
-def _cut(lm: LM, k: int):
+def first_layers_model(lm: LM, k: int):
     """The same model with its first ``k`` decoder layers (embeddings, final norm and head kept)."""
     import copy
 
@@ -78,7 +78,7 @@ def distilled_student_dir(info: Callable[[str], None] = print) -> str:
             for p, t in zip(problems, traces):
                 kind = "full" if t.finish_reason == "eos" else "upft_prefix"  # a cut-off trace teaches no stop
                 f.write(json.dumps({"id": p.id, "question": p.question, "text": t.text, "kind": kind}) + "\n")
-        _cut(teacher, LAYERS).save_pretrained(init)
+        first_layers_model(teacher, LAYERS).save_pretrained(init)
         teacher.tokenizer.save_pretrained(init)
         config = SFTConfig(learning_rate=1e-3, epochs=100, max_steps=TRAIN_STEPS, batch_size=PER_DEVICE,
                            per_device_batch_size=PER_DEVICE, warmup_ratio=0.1, weight_decay=0.0, max_length=160,

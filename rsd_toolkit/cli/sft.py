@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import checks
 from ..sft import SFTConfig
-from .common import console, err_console, print_table
+from .common import err_console, print_table
 from .options import dataclass_options, pick
 
 

@@ -230,8 +230,9 @@ class RSDEngine:
     def _speculate(self, rows: list[Row], ctx: dict) -> None:
         """One speculative round for every row (``speculative``: exact RSD, or teacher sampling):
 
-        draft     the student samples K tokens, one one-token forward each       drafts [B, K]
-        verify    one teacher forward scores all K+1 positions                   q at every position
+        draft     the student samples K tokens, one one-token forward each       drafts D [B, K]
+        verify    one teacher forward scores all K+1 positions                   T [B, K+1, V_t]
+        target    RSD's distribution q at each position, in closed form          ``speculative.rsd_target``
         accept    each draft with prob min(1, q/g) until the first rejection     ``speculative.verify``
         commit    the kept drafts and one corrected (or bonus) token; the rejected drafts are rolled back
         """
@@ -239,22 +240,15 @@ class RSDEngine:
         s_ctx, t_ctx = ctx[STUDENT], ctx[TEACHER]
         t_ctx.maybe_compact(slack=K + 1)  # the teacher catches up in the verify forward
         self._catch_up(rows, ctx, slack=K + 1, sides=(STUDENT,))
-        for side, c in ((STUDENT, s_ctx), (TEACHER, t_ctx)):  # how wide the caches run under speculation
-            width, longest = c.valid.shape[1], max(c.lengths(), default=0)
-            self.stats[f"{side}_cache_width"] += width
-            self.stats[f"{side}_cache_longest"] += longest
-            self.stats[f"{side}_cache_width_over_longest_max"] = max(self.stats[f"{side}_cache_width_over_longest_max"], width / max(1, longest))
-        dev = self._decision_device
-        u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows]).to(dev)  # [B, uniforms]
-        s_logits = [self._logits(s_ctx, self.student)]  # predicting draft position 0
-        drafts = []
+        self._count_widths(ctx)
+        u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows]).to(self._decision_device)  # [B, uniforms]
+        s_logits, drafts = [self._logits(s_ctx, self.student)], []  # s_logits[j] predicts draft position j
         for j in range(K):
             probs = sampling.tempered_probs(s_logits[-1], cfg.temperature)
             drafts.append(sampling.sample(probs, u[:, j * sampling.UNIFORMS_PER_DRAW : (j + 1) * sampling.UNIFORMS_PER_DRAW], cfg.top_p))
             s_ctx.extend([[d] for d in drafts[-1].tolist()])
             s_logits.append(self._logits(s_ctx, self.student))
-        S = torch.stack(s_logits, 1)  # [B, K+1, V_s]
-        D = torch.stack(drafts, 1)  # [B, K]
+        S, D = torch.stack(s_logits, 1), torch.stack(drafts, 1)  # [B, K+1, V_s], [B, K]
         T = self._verify_forward(rows, t_ctx, D)  # [B, K+1, V_t]
         B, V = S.shape[0], S.shape[-1]
         t = speculative.teacher_probs(T.flatten(0, 1), cfg)  # [B(K+1), V_t]
@@ -263,33 +257,46 @@ class RSDEngine:
         q, q_teacher = speculative.rsd_target(t, S.flatten(0, 1), cfg)
         g = speculative.draft_probs(S[:, :K].flatten(0, 1), cfg).view(B, K, V)
         accepted, tokens, from_teacher = speculative.verify(q.view(B, K + 1, V), q_teacher.view(B, K + 1, V), g, D, u[:, K * sampling.UNIFORMS_PER_DRAW :])
-        p_s, _ = sampling.token_scores(S.flatten(0, 1), tokens.flatten(), cfg)  # [B(K+1)]
-        p_t = sampling.TokenProbs(fit_vocab(T.flatten(0, 1), self.teacher.vocab.size)).at(
-            torch.arange(B * (K + 1), device=T.device), self.draft_map.to(T.device)[tokens.flatten()]
-        )  # fmt: skip
-        last_resort = ~speculative.acceptable(S.flatten(0, 1), cfg).any(-1) if cfg.fallback == "strict" and cfg.mode == "rsd" else None
-        accepted, tokens, from_teacher = accepted.tolist(), tokens.tolist(), from_teacher.tolist()
-        p_s, p_t = p_s.view(B, K + 1).tolist(), p_t.view(B, K + 1).tolist()
+        for c in (s_ctx, t_ctx):
+            for b, n in enumerate(accepted.tolist()):
+                c.rollback(b, K - n)  # the rejected drafts leave both caches
         self.stats["spec_rounds"] += 1  # teacher forwards
-        self.stats["row_rounds"] += B  # teacher positions verified per row: rounds x rows
+        self.stats["row_rounds"] += B  # rounds x rows: teacher forwards per row
         self.stats["drafted"] += B * K
-        self.stats["draft_accepted"] += sum(accepted)
-        for b, row in enumerate(rows):
-            for c in (s_ctx, t_ctx):
-                c.rollback(b, K - accepted[b])  # the rejected drafts leave both caches
-            for j in range(accepted[b] + 1):
+        self.stats["draft_accepted"] += int(accepted.sum())
+        self._commit_round(rows, S, T, accepted, tokens, from_teacher)
+
+    def _commit_round(self, rows: list[Row], S, T, accepted, tokens, from_teacher) -> None:
+        """Commit each row's kept drafts and its last token (p_s, p_t and sources as verified); the drafts
+        are in both caches already. S [B, K+1, V_s], T [B, K+1, V_t]; accepted [B]; tokens, from_teacher [B, K+1]."""
+        cfg, (B, K1, _) = self.config, S.shape
+        cells = torch.arange(B * K1, device=S.device)
+        p_s, _ = sampling.token_scores(S.flatten(0, 1), tokens.flatten(), cfg)  # [B(K+1)]
+        p_t = sampling.TokenProbs(T.flatten(0, 1)).at(cells, self.draft_map.to(T.device)[tokens.flatten()])
+        strict_none = ~speculative.acceptable(S.flatten(0, 1), cfg).any(-1) if cfg.fallback == "strict" and cfg.mode == "rsd" else None
+        p_s, p_t, tokens, from_teacher = (x.view(B, K1).tolist() for x in (p_s, p_t, tokens, from_teacher))
+        for b, (row, n) in enumerate(zip(rows, accepted.tolist())):
+            for j in range(n + 1):
                 y, source = tokens[b][j], TEACHER if from_teacher[b][j] else STUDENT
                 c = Candidate(row.pair, Step(student=Update(0, [y]), teacher=Update(0, [int(self.draft_map[y])])), source, y,
-                              p_s=[p_s[b][j]], in_cache=j < accepted[b], in_teacher_cache=j < accepted[b])  # fmt: skip
+                              p_s=[p_s[b][j]], in_cache=j < n, in_teacher_cache=j < n, p_t=p_t[b][j] if source == TEACHER else None)  # fmt: skip
                 if cfg.mode == "rsd":
                     row.decisions += 1
                     row.accepted += source == TEACHER
-                    if last_resort is not None and source == STUDENT and bool(last_resort[b * (K + 1) + j]):
+                    if strict_none is not None and source == STUDENT and bool(strict_none[b * K1 + j]):
                         c.last_resort = True  # S was empty: the student's argmax, whatever its p_s
                         self.stats["strict_last_resort"] += 1
-                c.p_t = p_t[b][j] if source == TEACHER else None
                 if self._commit(row, c):
                     break
+
+    def _count_widths(self, ctx: dict) -> None:
+        """How wide each cache runs against its longest row (speculation leaves a hole per rejected draft)."""
+        for side, c in ctx.items():
+            width, longest = c.valid.shape[1], max(c.lengths(), default=0)
+            self.stats[f"{side}_cache_width"] += width
+            self.stats[f"{side}_cache_longest"] += longest
+            key = f"{side}_cache_width_over_longest_max"
+            self.stats[key] = max(self.stats[key], width / max(1, longest))
 
     def _verify_forward(self, rows: list[Row], t_ctx: BatchedContext, drafts: torch.Tensor) -> torch.Tensor:
         """The teacher's pending token and the drafts [B, K] in one forward; returns the teacher logits
