@@ -360,6 +360,7 @@ def run_speculative(args, report: dict) -> None:
         engine_rate(teacher, student, batch, 16, args.device, prompts=prompts, draft_tokens=max(ks))  # warm-up
         limit = two_forward_limit(teacher, student, batch, n, args.device, prompts)
         generate = generate_rate(teacher, batch, n, args.device, prompts)
+        step_ms = per_model_step_ms(teacher, student, batch, args.device, steps=32)  # what one draft costs vs a teacher step
         step = None
         for K in ks:
             traces: list = []
@@ -380,8 +381,12 @@ def run_speculative(args, report: dict) -> None:
                 "distinct_4grams_per_row": [round(d, 3) for d in text],
                 "teacher_computed_over_real": info.get("teacher_computed_over_real"),
                 "student_computed_over_real": info.get("student_computed_over_real"),
-                "limit_tok_s": limit, "generate_tok_s": generate,
+                "limit_tok_s": limit, "generate_tok_s": generate, "step_ms_per_model": step_ms,
             }  # fmt: skip
+            if K:  # speculation's own ceiling at this draft acceptance: per committed token, (K+1) student
+                # steps and one verify (costed as one teacher step, a lower bound) over the tokens a round commits
+                per_token = ((K + 1) * step_ms["student"] + step_ms["teacher"]) * row["teacher_forwards_per_token"]
+                row["spec_over_step_bound"] = (step_ms["student"] + step_ms["teacher"]) / per_token
             for side in ("student", "teacher"):
                 if info.get(f"{side}_cache_longest"):
                     row[f"{side}_cache_width_over_longest_mean"] = info[f"{side}_cache_width"] / info[f"{side}_cache_longest"]
