@@ -146,21 +146,22 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
             step_ms.append(1000 * (time.perf_counter() - t0))
 
         engine._step = timed_step
-    out = []
-    seconds = timed(lambda: out.extend(engine.generate(prompts[:batch], batch_size=batch)), device)
+    runs = []
+    seconds = timed(lambda: runs.append(engine.generate(prompts[:batch], batch_size=batch)), device)
+    out, stats = runs[0], runs[0].stats
     if traces is not None:
         traces.extend(out)
     tokens = sum(len(t.ids) for t in out)
     accepted, decisions = sum(t.accepted for t in out), sum(t.decisions for t in out)
     info = {"kind": engine.kind, "tokens": tokens, "acceptance": accepted / decisions if decisions else None,
             "acceptance_per_row": [round(t.acceptance_rate, 3) if t.acceptance_rate is not None else None for t in out],
-            **{k: v / tokens for k, v in engine.stats.items()}}  # fmt: skip
-    info["bridge_share"] = engine.stats.get("bridge_s", 0.0) / seconds  # pushes into the pairs / the whole run
+            **{k: v / tokens for k, v in stats.items()}}  # fmt: skip
+    info["bridge_share"] = stats.get("bridge_s", 0.0) / seconds  # pushes into the pairs / the whole run
     for side in ("teacher", "student"):
-        real, computed = engine.stats.get(f"{side}_real_positions"), engine.stats.get(f"{side}_computed_positions")
+        real, computed = stats.get(f"{side}_real_positions"), stats.get(f"{side}_computed_positions")
         if real:
             info[f"{side}_computed_over_real"] = computed / real
-        steps = {k: engine.stats.get(f"{side}_static_{k}", 0) for k in ("replayed", "captured", "eager", "failed")}
+        steps = {k: stats.get(f"{side}_static_{k}", 0) for k in ("replayed", "captured", "eager", "failed")}
         if any(steps.values()):  # fixed-shape steps: graph replays over all of them
             info[f"{side}_static_steps"] = steps
             info[f"{side}_graph_hit_rate"] = steps["replayed"] / sum(steps.values())

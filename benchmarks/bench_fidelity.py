@@ -66,8 +66,9 @@ def run_row(label: str, teacher: LM, student: LM, config: RSDConfig, bridge: str
         chunk = problems[len(used) : len(used) + batch]
         if not chunk:
             break
-        traces += engine.generate([p.question for p in chunk], seeds=[p.index for p in chunk], batch_size=batch)
-        last_resort_events += engine.stats["strict_last_resort"]
+        out = engine.generate([p.question for p in chunk], seeds=[p.index for p in chunk], batch_size=batch)
+        traces += out
+        last_resort_events += out.stats["strict_last_resort"]
         used += chunk
     gen_s = time.perf_counter() - t0
     path = out_dir / f"{label.replace(' ', '_').replace('/', '-')}.jsonl"

@@ -49,5 +49,5 @@ def test_engine_counts_bridge_time():
     teacher, student = tiny_lm("asset:qwen2", "qwen2", hidden=64, seed=1), tiny_lm("asset:llama-bpe", hidden=64, seed=2)
     engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=6))
     assert engine.kind == "bridged"
-    engine.generate(["Add 2 and 3.", "Name a colour."], batch_size=2)
-    assert engine.stats["bridge_s"] > 0
+    out = engine.generate(["Add 2 and 3.", "Name a colour."], batch_size=2)
+    assert out.stats["bridge_s"] > 0

@@ -200,7 +200,7 @@ def test_traces_do_not_depend_on_the_batch():
     refilled = engine.generate(PROMPTS, batch_size=2)  # rows leave and new prompts join mid-run
     key = lambda t: (t.ids, [r.source for r in t.records])  # noqa: E731
     assert [key(t) for t in batched] == [key(t) for t in alone] == [key(t) for t in refilled]
-    assert 0 < engine.stats["draft_accepted"] < engine.stats["drafted"]  # both accepted and rejected drafts
+    assert 0 < refilled.stats["draft_accepted"] < refilled.stats["drafted"]  # both accepted and rejected drafts
 
 
 def test_eos_and_budget_inside_an_accepted_run(base_qwen):
@@ -222,7 +222,7 @@ def test_strict_speculation_lets_no_sub_pth_token_in(pair):
     teacher, student = pair
     engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=20, draft_tokens=4, fallback="strict", pth=0.15))
     traces = engine.generate(["q"] * 60, batch_size=60)
-    assert sum(t.sub_pth for t in traces) == engine.stats["strict_last_resort"]
+    assert sum(t.sub_pth for t in traces) == traces.stats["strict_last_resort"]
     loose = RSDEngine(teacher, student, RSDConfig(max_new_tokens=20, draft_tokens=4, pth=0.15)).generate(["q"] * 60, batch_size=60)
     assert sum(t.sub_pth for t in loose) > 0  # the plain rule does let some in here
 
@@ -246,3 +246,15 @@ def test_draft_tokens_is_validated():
 @pytest.fixture(scope="module")
 def base_qwen():
     return tiny_lm("asset:qwen2", "llama", seed=0)
+
+
+def test_rejected_drafts_keep_the_cache_within_a_quarter_of_the_longest_row():
+    """Rows accept different numbers of drafts each round, and every rejected draft leaves a hole: the
+    caches are compacted before a round would take them past 1.25x their longest row."""
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:qwen2", "llama", hidden=64, seed=2))
+    out = RSDEngine(teacher, student, RSDConfig(max_new_tokens=80, draft_tokens=4)).generate(PROMPTS, batch_size=5)
+    assert 0 < out.stats["draft_accepted"] < out.stats["drafted"]  # ragged: holes were left
+    for side in ("teacher", "student"):
+        assert 1.0 < out.stats[f"{side}_cache_width"] / out.stats[f"{side}_cache_longest"]
+        assert out.stats[f"{side}_cache_width_over_longest_max"] <= 1.25

@@ -105,7 +105,7 @@ def test_reproduction_whitespace_split_lets_no_sub_pth_token_in(repro):
         assert t.ids == student.vocab.encode(t.text) and {r.source for r in t.records} == {"student"}
         assert t.sub_pth == 0 and t.last_resorts == 0
         assert all(r.p_s >= 0.01 for r in t.records)
-    assert engine.stats["strict_last_resort"] == 0 and engine.stats["strict_split_context"] > 0
+    assert traces.stats["strict_last_resort"] == 0 and traces.stats["strict_split_context"] > 0
     # the same run with fallback "sample" lets the 1.4e-6 "1" in: the case is real, not an artefact
     loose = RSDEngine(teacher, student, RSDConfig(chat_template=False, max_new_tokens=9)).generate([PREFIX] * 4, batch_size=4)
     assert any(r.id == ONE and r.p_s < 1e-5 for t in loose for r in t.records)
@@ -120,7 +120,7 @@ def test_unavoidable_last_resort_is_counted_in_record_and_trace(repro):
     engine, traces = strict_run(teacher, student, [PREFIX], max_new_tokens=4)
     t = traces[0]
     assert t.sub_pth > 0 and t.sub_pth == t.last_resorts == sum(r.last_resort for r in t.records)
-    assert engine.stats["strict_last_resort"] >= 1
+    assert traces.stats["strict_last_resort"] >= 1
     assert t.to_dict()["last_resorts"] == t.last_resorts
     bad = [r for r in t.records if r.p_s < 0.01]
     assert bad and all(r.last_resort for r in bad) and max(r.p_s for r in bad) == pytest.approx(2e-3, rel=1e-3)
@@ -152,4 +152,4 @@ def test_strict_sub_pth_tokens_are_exactly_its_last_resorts(random_pair, prompts
         assert student.vocab.encode(t.text) == body
         assert t.sub_pth == t.last_resorts
         assert all(r.last_resort == (r.p_s < pth) for r in t.records)
-    assert sum(t.last_resorts for t in traces) <= engine.stats["strict_last_resort"] * 16
+    assert sum(t.last_resorts for t in traces) <= traces.stats["strict_last_resort"] * 16

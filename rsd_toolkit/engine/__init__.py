@@ -3,6 +3,6 @@ the batched KV context every model call goes through."""
 
 from ..config import RSDConfig
 from .context import BatchedContext, UnsupportedModel
-from .engine import RSDEngine, TokenRecord, Trace
+from .engine import Generation, RSDEngine, TokenRecord, Trace
 
-__all__ = ["BatchedContext", "RSDConfig", "RSDEngine", "TokenRecord", "Trace", "UnsupportedModel"]
+__all__ = ["BatchedContext", "Generation", "RSDConfig", "RSDEngine", "TokenRecord", "Trace", "UnsupportedModel"]

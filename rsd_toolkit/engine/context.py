@@ -221,11 +221,13 @@ class BatchedContext:
         self.cache.put_rows(index, sub, n)
 
     # -- housekeeping -----------------------------------------------------------------------------
-    def maybe_compact(self, slack: int = 64) -> None:
-        """Compact when the cache is over 1.25x the longest row + ``slack`` slots (never between checkpoint
-        and restore). Speculation passes the width of one round: its rejected drafts leave holes every round."""
+    def maybe_compact(self, slack: int = 64, ahead: int = 0) -> None:
+        """Compact when the cache, with the ``ahead`` columns the next block appends, would be over 1.25x the
+        longest row + ``slack`` slots (never between checkpoint and restore). Speculation passes ``slack=0``
+        and its round's width: rejected drafts leave holes every round, and the cache stays within 1.25x."""
         longest = max(self.lengths(), default=0)
-        if self.valid.shape[1] > 1.25 * longest + slack:
+        width = self.valid.shape[1]
+        if width > longest and width + ahead > 1.25 * longest + slack:
             self.compact()
 
     @torch.inference_mode()

@@ -26,13 +26,13 @@ from . import sampling, speculative, strict
 from .context import BatchedContext, static_default
 from .static import StaticStep
 from .sampling import fit_vocab
-from .trace import Candidate, Row, TokenRecord, Trace
+from .trace import Candidate, Generation, Row, TokenRecord, Trace
 
 log = logging.getLogger("rsd_toolkit.engine")
 
 
 class RSDEngine:
-    """``RSDEngine(teacher, student, config).generate(prompts) -> list[Trace]``.
+    """``RSDEngine(teacher, student, config).generate(prompts) -> Generation`` (the traces and the call's stats).
 
     ``teacher`` may be ``None`` in mode ``student``; ``student`` may be ``None`` in mode ``teacher``
     (then traces are in the teacher's tokens and carry no p_s). ``bridge_kind`` forces the pairing
@@ -76,8 +76,6 @@ class RSDEngine:
             log.warning("draft_tokens=%d needs a teacher, a student and a same-tokenizer pair (%s here): decoding "
                         "step by step", config.draft_tokens, self.kind if self.run_teacher and self.run_student else config.mode)  # fmt: skip
         self.uniforms = speculative.uniforms_per_round(config.draft_tokens) if self.speculative else sampling.uniforms_per_step(config)
-        self.batch_cap: int | None = None  # set when the GPU ran out of memory
-        self.stats: Counter = Counter()  # engine events of the last generate(): probed spans, mid-character proposals…
         # one fixed-shape step per model, kept across batches and calls: its CUDA graphs are reused
         self.static: dict[str, StaticStep | None] = {}
         for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
@@ -86,38 +84,40 @@ class RSDEngine:
 
     # -- public ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list, seeds: list[int] | None = None, batch_size: int = 16, progress=None) -> list[Trace]:
-        """One trace per prompt. ``seeds[i]`` (default ``i``) fixes prompt i's randomness together with
-        ``config.seed``: a trace does not depend on batch size or on the other prompts."""
+    def generate(self, prompts: list, seeds: list[int] | None = None, batch_size: int = 16, progress=None) -> Generation:
+        """One trace per prompt, with the call's stats (``Generation``). ``seeds[i]`` (default ``i``) fixes
+        prompt i's randomness together with ``config.seed``: a trace does not depend on batch size or on the
+        other prompts. Out of GPU memory, the batch size halves and the unfinished prompts restart."""
         if seeds is None:
             seeds = list(range(len(prompts)))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        self.stats = Counter()
         for st in self.static.values():
             if st is not None:
                 st.counts.clear()
-        batch_size = min(batch_size, self.batch_cap or batch_size)
+        self.events = stats = Counter()  # this call's events; handed back in the Generation, not kept
         results: list[Trace | None] = [None] * len(prompts)
         todo = deque(range(len(prompts)))
-        while todo:
-            out_of_memory = False
-            try:
-                self._run(prompts, seeds, todo, results, batch_size, progress)
-            except torch.cuda.OutOfMemoryError:
-                out_of_memory = True
-                if batch_size == 1:
-                    raise
-                batch_size //= 2
-                self.batch_cap = batch_size  # later calls start at the size that fitted
-                log.warning("out of GPU memory: batch size halved to %d, unfinished prompts restart", batch_size)
-                todo = deque(i for i in range(len(prompts)) if results[i] is None)
-            if out_of_memory and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # outside the except block: its traceback no longer pins the cache
+        try:
+            while todo:
+                out_of_memory = False
+                try:
+                    self._run(prompts, seeds, todo, results, batch_size, progress)
+                except torch.cuda.OutOfMemoryError:
+                    out_of_memory = True
+                    if batch_size == 1:
+                        raise
+                    batch_size //= 2
+                    log.warning("out of GPU memory: batch size halved to %d, unfinished prompts restart", batch_size)
+                    todo = deque(i for i in range(len(prompts)) if results[i] is None)
+                if out_of_memory and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # outside the except block: its traceback no longer pins the cache
+        finally:
+            del self.events
         for side, st in self.static.items():
             for k, v in (st.counts if st is not None else {}).items():
-                self.stats[f"{side}_static_{k}"] += v  # replayed / captured / eager / failed steps
-        return results  # type: ignore[return-value]
+                stats[f"{side}_static_{k}"] += v  # replayed / captured / eager / failed steps
+        return Generation(results, stats, batch_size)  # type: ignore[arg-type]
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self, prompts, seeds, todo: deque, results, batch_size: int, progress) -> None:
@@ -147,7 +147,7 @@ class RSDEngine:
         for side, c in ctx.items():
             if c is not None:
                 for k, v in c.positions.items():
-                    self.stats[f"{side}_{k}_positions"] += v
+                    self.events[f"{side}_{k}_positions"] += v
                     c.positions[k] = 0
 
     def _new_row(self, index: int, prompt, seed: int) -> Row:
@@ -171,7 +171,7 @@ class RSDEngine:
             becomes_ctx = ctx[side] is None or not rows
             fresh = BatchedContext(lm.model, len(new), static=(self.static[side] or False) if becomes_ctx else False)  # merged: ours
             fresh.extend([r.ids[side] for r in new])
-            self.stats[f"{side}_prompt_positions"] += fresh.positions["computed"]
+            self.events[f"{side}_prompt_positions"] += fresh.positions["computed"]
             fresh.positions = {"real": 0, "computed": 0}
             if becomes_ctx:
                 ctx[side] = fresh
@@ -193,11 +193,11 @@ class RSDEngine:
         for b, c in decided.items():
             self._commit(rows[b], c)
 
-    def _catch_up(self, rows: list[Row], ctx: dict, slack: int = 64, sides=(TEACHER, STUDENT)) -> None:
-        """Feed every row's pending update to each running model of ``sides`` (one forward per model)."""
+    def _catch_up(self, rows: list[Row], ctx: dict) -> None:
+        """Feed every row's pending update to each running model (one forward per model)."""
         for side, active in ((TEACHER, self.run_teacher), (STUDENT, self.run_student)):
-            if active and side in sides:
-                ctx[side].maybe_compact(slack)
+            if active:
+                ctx[side].maybe_compact()
                 self._feed(ctx[side], rows, side)
 
     def _student_only(self, rows: list[Row], s_ctx, t_logits, s_logits, u) -> dict[int, Candidate]:
@@ -230,73 +230,79 @@ class RSDEngine:
     def _speculate(self, rows: list[Row], ctx: dict) -> None:
         """One speculative round for every row (``speculative``: exact RSD, or teacher sampling):
 
-        draft     the student samples K tokens, one one-token forward each       drafts D [B, K]
-        verify    one teacher forward scores all K+1 positions                   T [B, K+1, V_t]
-        target    RSD's distribution q at each position, in closed form          ``speculative.rsd_target``
-        accept    each draft with prob min(1, q/g) until the first rejection     ``speculative.verify``
+        draft     the student samples K tokens from g, one one-token forward each      drafts D [B, K]
+        verify    one teacher forward scores all K+1 positions                          T [B, K+1, V_t]
+        target    RSD's distribution q at each position, in closed form                 ``speculative.rsd_target``
+        accept    each draft with prob min(1, q/g) until the first rejection            ``speculative.verify``
         commit    the kept drafts and one corrected (or bonus) token; the rejected drafts are rolled back
         """
         cfg, K = self.config, self.config.draft_tokens
         s_ctx, t_ctx = ctx[STUDENT], ctx[TEACHER]
-        t_ctx.maybe_compact(slack=K + 1)  # the teacher catches up in the verify forward
-        self._catch_up(rows, ctx, slack=K + 1, sides=(STUDENT,))
-        self._count_widths(ctx)
+        for c in (s_ctx, t_ctx):  # a round appends K+1 columns to every row: the cache stays within 1.25x
+            c.maybe_compact(slack=0, ahead=K + 1)
+        self._feed(s_ctx, rows, STUDENT)  # the teacher catches up in the verify forward
         u = torch.stack([torch.rand(self.uniforms, generator=r.rng) for r in rows]).to(self._decision_device)  # [B, uniforms]
-        s_logits, drafts = [self._logits(s_ctx, self.student)], []  # s_logits[j] predicts draft position j
+        s_logits, g, drafts = [self._logits(s_ctx, self.student)], [], []  # s_logits[j] predicts draft position j
         for j in range(K):
-            probs = sampling.tempered_probs(s_logits[-1], cfg.temperature)
-            drafts.append(sampling.sample(probs, u[:, j * sampling.UNIFORMS_PER_DRAW : (j + 1) * sampling.UNIFORMS_PER_DRAW], cfg.top_p))
+            g.append(speculative.draft_probs(s_logits[-1], cfg))  # [B, V_s]
+            drafts.append(sampling.inverse_cdf(g[-1], u[:, j : j + 1])[:, 0])
             s_ctx.extend([[d] for d in drafts[-1].tolist()])
             s_logits.append(self._logits(s_ctx, self.student))
-        S, D = torch.stack(s_logits, 1), torch.stack(drafts, 1)  # [B, K+1, V_s], [B, K]
+        g.append(speculative.draft_probs(s_logits[-1], cfg))  # after the last draft: the sample fallback there
+        S, G, D = torch.stack(s_logits, 1), torch.stack(g, 1), torch.stack(drafts, 1)  # [B, K+1, V_s] x2, [B, K]
         T = self._verify_forward(rows, t_ctx, D)  # [B, K+1, V_t]
         B, V = S.shape[0], S.shape[-1]
         t = speculative.teacher_probs(T.flatten(0, 1), cfg)  # [B(K+1), V_t]
         if not self.bridge.keeps_sampled_ids:
             t = t[:, self.draft_map.to(T.device)]  # [B(K+1), V_s]: on the student's ids
-        q, q_teacher = speculative.rsd_target(t, S.flatten(0, 1), cfg)
-        g = speculative.draft_probs(S[:, :K].flatten(0, 1), cfg).view(B, K, V)
-        accepted, tokens, from_teacher = speculative.verify(q.view(B, K + 1, V), q_teacher.view(B, K + 1, V), g, D, u[:, K * sampling.UNIFORMS_PER_DRAW :])
+        q, q_teacher = speculative.rsd_target(t, S.flatten(0, 1), cfg, G.flatten(0, 1))
+        accepted, tokens, from_teacher = speculative.verify(q.view(B, K + 1, V), q_teacher.view(B, K + 1, V), G[:, :K], D, u[:, K:])
         for c in (s_ctx, t_ctx):
             for b, n in enumerate(accepted.tolist()):
                 c.rollback(b, K - n)  # the rejected drafts leave both caches
-        self.stats["spec_rounds"] += 1  # teacher forwards
-        self.stats["row_rounds"] += B  # rounds x rows: teacher forwards per row
-        self.stats["drafted"] += B * K
-        self.stats["draft_accepted"] += int(accepted.sum())
+        self._count_widths(ctx)
+        self.events["spec_rounds"] += 1  # teacher forwards
+        self.events["row_rounds"] += B  # rounds x rows: teacher forwards per row
+        self.events["drafted"] += B * K
+        self.events["draft_accepted"] += int(accepted.sum())
         self._commit_round(rows, S, T, accepted, tokens, from_teacher)
 
     def _commit_round(self, rows: list[Row], S, T, accepted, tokens, from_teacher) -> None:
         """Commit each row's kept drafts and its last token (p_s, p_t and sources as verified); the drafts
         are in both caches already. S [B, K+1, V_s], T [B, K+1, V_t]; accepted [B]; tokens, from_teacher [B, K+1]."""
-        cfg, (B, K1, _) = self.config, S.shape
-        cells = torch.arange(B * K1, device=S.device)
-        p_s, _ = sampling.token_scores(S.flatten(0, 1), tokens.flatten(), cfg)  # [B(K+1)]
-        p_t = sampling.TokenProbs(T.flatten(0, 1)).at(cells, self.draft_map.to(T.device)[tokens.flatten()])
-        strict_none = ~speculative.acceptable(S.flatten(0, 1), cfg).any(-1) if cfg.fallback == "strict" and cfg.mode == "rsd" else None
-        p_s, p_t, tokens, from_teacher = (x.view(B, K1).tolist() for x in (p_s, p_t, tokens, from_teacher))
-        for b, (row, n) in enumerate(zip(rows, accepted.tolist())):
-            for j in range(n + 1):
-                y, source = tokens[b][j], TEACHER if from_teacher[b][j] else STUDENT
-                c = Candidate(row.pair, Step(student=Update(0, [y]), teacher=Update(0, [int(self.draft_map[y])])), source, y,
-                              p_s=[p_s[b][j]], in_cache=j < n, in_teacher_cache=j < n, p_t=p_t[b][j] if source == TEACHER else None)  # fmt: skip
-                if cfg.mode == "rsd":
-                    row.decisions += 1
-                    row.accepted += source == TEACHER
-                    if strict_none is not None and source == STUDENT and bool(strict_none[b * K1 + j]):
-                        c.last_resort = True  # S was empty: the student's argmax, whatever its p_s
-                        self.stats["strict_last_resort"] += 1
-                if self._commit(row, c):
-                    break
+        cfg = self.config
+        kept = accepted.tolist()
+        at = [(b, j) for b, n in enumerate(kept) for j in range(n + 1)]  # the committed cells, row by row
+        bi, ji = (torch.tensor(x, device=S.device) for x in zip(*at))
+        ys = tokens[bi, ji]  # [C]
+        S_c = S[bi, ji]  # [C, V_s]: only the committed cells are scored
+        p_s = sampling.token_scores(S_c, ys, cfg)[0].tolist()
+        p_t = sampling.TokenProbs(T[bi, ji]).at(torch.arange(len(at), device=T.device), self.draft_map.to(T.device)[ys]).tolist()
+        strict_none = (~speculative.acceptable(S_c, cfg).any(-1)).tolist() if cfg.fallback == "strict" and cfg.mode == "rsd" else None
+        ys, sources = ys.tolist(), from_teacher[bi, ji].tolist()
+        for k, (b, j) in enumerate(at):
+            row = rows[b]
+            if row.finish:  # EOS, the budget or a stop string came earlier in this run: the rest is cut
+                continue
+            y, source = ys[k], TEACHER if sources[k] else STUDENT
+            c = Candidate(row.pair, Step(student=Update(0, [y]), teacher=Update(0, [int(self.draft_map[y])])), source, y,
+                          p_s=[p_s[k]], in_cache=j < kept[b], in_teacher_cache=j < kept[b], p_t=p_t[k] if source == TEACHER else None)  # fmt: skip
+            if cfg.mode == "rsd":
+                row.decisions += 1
+                row.accepted += source == TEACHER
+                if strict_none is not None and source == STUDENT and strict_none[k]:
+                    c.last_resort = True  # S was empty: the student's argmax, whatever its p_s
+                    self.events["strict_last_resort"] += 1
+            self._commit(row, c)
 
     def _count_widths(self, ctx: dict) -> None:
-        """How wide each cache runs against its longest row (speculation leaves a hole per rejected draft)."""
+        """How wide each cache runs against its longest row after a round (a rejected draft leaves a hole)."""
         for side, c in ctx.items():
             width, longest = c.valid.shape[1], max(c.lengths(), default=0)
-            self.stats[f"{side}_cache_width"] += width
-            self.stats[f"{side}_cache_longest"] += longest
+            self.events[f"{side}_cache_width"] += width
+            self.events[f"{side}_cache_longest"] += longest
             key = f"{side}_cache_width_over_longest_max"
-            self.stats[key] = max(self.stats[key], width / max(1, longest))
+            self.events[key] = max(self.events[key], width / max(1, longest))
 
     def _verify_forward(self, rows: list[Row], t_ctx: BatchedContext, drafts: torch.Tensor) -> torch.Tensor:
         """The teacher's pending token and the drafts [B, K] in one forward; returns the teacher logits
@@ -329,7 +335,7 @@ class RSDEngine:
         for j in range(cfg.teacher_draws):
             trials = self._trials(rows, TEACHER, {b: cands[b][j] for b in open_rows})
             judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
-            self.stats["proposal_mid_character"] += len(trials) - len(judged)
+            self.events["proposal_mid_character"] += len(trials) - len(judged)
             decided.update(self._score(rows, s_ctx, s_logits, judged, judge=True))
             open_rows = [b for b in open_rows if b not in decided]
             if not open_rows:
@@ -388,7 +394,7 @@ class RSDEngine:
                         found = self._split_logits(rows[b], trials[b])
                         if found is not None:
                             split[i] = found
-                            self.stats["strict_split_context"] += 1
+                            self.events["strict_split_context"] += 1
             todo = [i for i in todo if rest[i] not in decided]
             if todo:  # rows with no untried choice left in either context stop here (unavoidable)
                 t_idx = torch.tensor(todo, device=logits.device)
@@ -402,7 +408,7 @@ class RSDEngine:
                 c = strict.last_resort(tried[b], key=lambda c: min(c.p_s, default=1.0))
                 c.last_resort = True
                 decided[b] = c
-                self.stats["strict_last_resort"] += 1
+                self.events["strict_last_resort"] += 1
         return decided
 
     def _split_logits(self, row: Row, c: Candidate) -> torch.Tensor | None:
@@ -427,7 +433,7 @@ class RSDEngine:
         t0 = time.perf_counter()
         pairs = [rows[b].pair.copy() for b in tokens]
         steps = push_all(pairs, side, list(tokens.values()))
-        self.stats["bridge_s"] += time.perf_counter() - t0
+        self.events["bridge_s"] += time.perf_counter() - t0
         return {b: Candidate(p, st, side, t) for (b, t), p, st in zip(tokens.items(), pairs, steps)}
 
     def _score(self, rows: list[Row], s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate], judge: bool) -> dict[int, Candidate]:
@@ -449,19 +455,16 @@ class RSDEngine:
                 cands[b].p_s, gates[b] = p_s[k : k + 1].tolist(), gate[k : k + 1]
         if spans:
             saved, last = s_ctx.checkpoint(list(spans)), s_ctx.last_logits.clone()
-            old_ids = {b: rows[b].ids[STUDENT] for b in spans}
+            kept = {b: _last_kept(rows[b].ids[STUDENT], su.rollback) for b, su in spans.items() if su.rollback}
+            preds = self._extend(s_ctx, self.student, spans, kept, score=True)  # b -> [len(append), V_s]
             for b, su in spans.items():
-                rows[b].ids[STUDENT] = su.apply(old_ids[b])
-            preds = self._extend(s_ctx, rows, STUDENT, spans, score=True)  # b -> [len(append), V_s]
-            for b, su in spans.items():
-                rows[b].ids[STUDENT] = old_ids[b]
                 tok = torch.tensor(su.append, device=s_logits.device)
                 p_s, gates[b] = sampling.token_scores(preds[b], tok, cfg) if su.append else (tok.float(), tok.bool())
                 cands[b].p_s, cands[b].in_cache, cands[b].span_logits = p_s.tolist(), True, preds[b]
         enter = {b: c for b, c in cands.items() if not judge or sampling.accepts(torch.tensor(c.p_s), gates[b].cpu(), cfg)}
         if judge and spans:
-            self.stats["probed"] += len(spans)
-            self.stats["probe_accepted"] += sum(b in enter for b in spans)
+            self.events["probed"] += len(spans)
+            self.events["probe_accepted"] += sum(b in enter for b in spans)
         undo = {b: saved[b] for b in spans if b not in enter}
         if undo:
             s_ctx.restore(undo, last)
@@ -529,36 +532,36 @@ class RSDEngine:
         updates = {b: r.pending[side] for b, r in enumerate(rows) if r.pending[side] is not None}
         for r in rows:
             r.pending[side] = None
-        if updates:
-            self._extend(c, rows, side, updates, score=False)
+        if updates:  # the ids hold the updates already: the token kept last sits before the appended ones
+            kept = {b: rows[b].ids[side][-len(u.append) - 1] for b, u in updates.items() if u.rollback}
+            self._extend(c, self.teacher if side == TEACHER else self.student, updates, kept, score=False)
 
-    def _extend(self, c: BatchedContext, rows, side: str, updates: dict, score: bool) -> dict[int, torch.Tensor]:
-        """Roll back and append per row; with ``score``, per row the logits [len(append), V] predicting
-        each appended token (a row that rolls back re-feeds the token before its new ones, so that
-        every new token's predicting logits come out of this same forward). Without ``score`` only a row
-        that appends nothing after its rollback re-feeds: its next-token logits are those of that token."""
-        appends = [[] for _ in rows]
+    def _extend(self, c: BatchedContext, lm: LM, updates: dict[int, Update], kept: dict[int, int], score: bool) -> dict[int, torch.Tensor]:
+        """Roll back and append per row, in one forward. ``kept[b]``: the token a rolling-back row keeps last.
+        It is fed again when ``score`` (so every new token's predicting logits come out of this same forward)
+        or when the row appends nothing after its rollback (its next-token logits are that token's). With
+        ``score``, returns per row the logits [len(append), V] predicting each appended token."""
+        appends: list[list[int]] = [[] for _ in range(c.batch_size)]
         refed = set()
         for b, upd in updates.items():
-            ids = rows[b].ids[side]
-            if not upd.rollback and not upd.append:
-                continue
-            if upd.rollback and not score and upd.append:
-                c.rollback(b, upd.rollback)
-                appends[b] = list(upd.append)
-            elif upd.rollback:
+            if upd.rollback and (score or not upd.append):
                 c.rollback(b, upd.rollback + 1)
-                appends[b] = ids[len(ids) - len(upd.append) - 1 :]
+                appends[b] = [kept[b], *upd.append]
                 refed.add(b)
             else:
+                c.rollback(b, upd.rollback)
                 appends[b] = list(upd.append)
         need = score and any(appends)
         outs = c.extend(appends, scores=need)  # per row: logits predicting each appended token
         if not need:
             return {}
-        lm = self.student if side == STUDENT else self.teacher
         return {b: fit_vocab(outs[b][1:] if b in refed else outs[b], lm.vocab.size).to(self._decision_device)
                 for b, upd in updates.items() if upd.append}  # fmt: skip
+
+
+def _last_kept(ids: list[int], rollback: int) -> int:
+    """The token that ends ``ids`` once ``rollback`` tokens are removed."""
+    return ids[len(ids) - rollback - 1]
 
 
 def _take(q: deque, n: int) -> list:

@@ -45,9 +45,12 @@ def acceptable(student_logits: torch.Tensor, config: RSDConfig) -> torch.Tensor:
     return sampling.passes(a, gate, config)
 
 
-def rsd_target(t: torch.Tensor, student_logits: torch.Tensor, config: RSDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rsd_target(
+    t: torch.Tensor, student_logits: torch.Tensor, config: RSDConfig, g: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RSD's next-token distribution q [R, V] and its teacher-sourced part [R, V] (<= q elementwise),
-    from the teacher's sampling distribution ``t`` [R, V] and the student's logits [R, V].
+    from the teacher's sampling distribution ``t`` [R, V] and the student's logits [R, V]. ``g`` [R, V]: the
+    student's sampling distribution (``draft_probs``) when the caller has it: it is the ``sample`` fallback.
     Mode ``teacher``: q = t, all of it teacher-sourced."""
     if config.mode == "teacher":
         return t, t
@@ -58,7 +61,7 @@ def rsd_target(t: torch.Tensor, student_logits: torch.Tensor, config: RSDConfig)
     scale = torch.where(A > 0, -torch.expm1(config.teacher_draws * torch.log1p(-A.clamp(max=1 - 1e-16))) / A.clamp(min=1e-300), 0.0)
     scale = torch.where(A >= 1, 1.0, scale)
     from_teacher = torch.where(inside, t, 0.0) * scale.to(t.dtype)
-    f = sampling.fallback_weights(student_logits, config)
+    f = g if g is not None and config.fallback == "sample" else sampling.fallback_weights(student_logits, config)
     q = from_teacher + miss.to(t.dtype) * f / f.sum(-1, keepdim=True)
     return q, from_teacher
 
@@ -96,5 +99,5 @@ def verify(
 
 
 def uniforms_per_round(draft_tokens: int) -> int:
-    """Uniforms one row consumes per round: K drafts (one ``sampling.sample`` each), then ``verify``'s."""
-    return draft_tokens * sampling.UNIFORMS_PER_DRAW + 2 * draft_tokens + 2
+    """Uniforms one row consumes per round: one per draft (an inverse-CDF draw from g), then ``verify``'s."""
+    return 3 * draft_tokens + 2

@@ -3,6 +3,7 @@ and the per-sequence state it keeps while decoding (:class:`Row`, :class:`Candid
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,6 +52,18 @@ class Trace:
         if token_stats:
             d["records"] = [asdict(r) for r in self.records]
         return d
+
+
+class Generation(list):
+    """What one ``RSDEngine.generate`` call returns: its traces (a list, in prompt order) and what the call
+    did. ``stats`` counts engine events (probed spans, mid-character proposals, drafts, computed positions,
+    bridge seconds…); ``batch_size`` is the batch size that fitted (halved on running out of GPU memory):
+    pass it to the next call. The engine keeps neither between calls."""
+
+    def __init__(self, traces: list[Trace], stats: Counter, batch_size: int):
+        super().__init__(traces)
+        self.stats = stats
+        self.batch_size = batch_size
 
 
 def sub_pth(records: list[TokenRecord], pth: float) -> int:
