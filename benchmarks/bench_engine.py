@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -130,9 +131,10 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
 
 def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: str, mode: str = "rsd",
                 prompts: list[str] | None = None, step_ms: list | None = None,
-                static_step: bool | None = None, draft_tokens: int = 0, traces: list | None = None) -> tuple[float, dict]:  # fmt: skip
+                static_step: bool | None = None, draft_tokens: int = 0, traces: list | None = None,
+                rows: int | None = None) -> tuple[float, dict]:  # fmt: skip
     """RSD tok/s and the run's stats (``static_step``: the engine's default, or forced on/off; ``traces``:
-    receives the traces)."""
+    receives the traces; ``rows``: prompts decoded, ``batch`` at a time, default ``batch``)."""
     config = RSDConfig(mode=mode, max_new_tokens=new_tokens, draft_tokens=draft_tokens)
     engine = RSDEngine(teacher, student, config, static_step=static_step)
     prompts = prompts or [PROMPT] * batch
@@ -147,7 +149,7 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
 
         engine._step = timed_step
     runs = []
-    seconds = timed(lambda: runs.append(engine.generate(prompts[:batch], batch_size=batch)), device)
+    seconds = timed(lambda: runs.append(engine.generate(prompts[: rows or batch], batch_size=batch)), device)
     out, stats = runs[0], runs[0].stats
     if traces is not None:
         traces.extend(out)
@@ -183,6 +185,28 @@ def per_model_step_ms(teacher: LM, student: LM, batch: int, device: str, steps: 
         ctx.extend([lm.prompt(PROMPT, RSDConfig())[1]] * batch)
         times = [1000 * timed(lambda: ctx.extend([[7]] * batch), device) for _ in range(steps)]
         out[side] = statistics.median(times[steps // 4 :])  # after capture and warm-up
+    return out
+
+
+@torch.inference_mode()
+def verify_ms(teacher: LM, batch: int, device: str, widths: list[int], repeats: int = 8) -> dict:
+    """Median ms of one teacher forward over ``width`` positions per row with the logits at every position
+    (``BatchedContext.extend(scores=True)``, as speculation's verify runs), per width: the teacher's part of
+    a round in speculation's own limit."""
+    import statistics
+
+    from rsd_toolkit.engine import BatchedContext
+
+    out = {}
+    for width in widths:
+        ctx = BatchedContext(teacher.model, batch)
+        ctx.extend([teacher.prompt(PROMPT, RSDConfig())[1]] * batch)
+        times = []
+        for _ in range(repeats):
+            times.append(1000 * timed(lambda: ctx.extend([[7] * width] * batch, scores=True), device))
+            for b in range(batch):
+                ctx.rollback(b, width)
+        out[width] = statistics.median(times[1:])
     return out
 
 
@@ -362,10 +386,12 @@ def run_speculative(args, report: dict) -> None:
         limit = two_forward_limit(teacher, student, batch, n, args.device, prompts)
         generate = generate_rate(teacher, batch, n, args.device, prompts)
         step_ms = per_model_step_ms(teacher, student, batch, args.device, steps=32)  # what one draft costs vs a teacher step
+        verify = verify_ms(teacher, batch, args.device, [K + 1 for K in ks if K])  # what one verify forward costs
         step = None
         for K in ks:
             traces: list = []
-            rate, info = engine_rate(teacher, student, batch, n, args.device, prompts=prompts, draft_tokens=K, traces=traces)
+            rate, info = engine_rate(teacher, student, batch, n, args.device, prompts=prompts, draft_tokens=K, traces=traces,
+                                     rows=max(batch, args.min_rows))  # fmt: skip
             step = rate if K == 0 else step
             text = [distinct_4grams(t.ids) for t in traces]
             ok = [t for t, d in zip(traces, text) if d >= LOOP_BELOW]
@@ -384,10 +410,15 @@ def run_speculative(args, report: dict) -> None:
                 "student_computed_over_real": info.get("student_computed_over_real"),
                 "limit_tok_s": limit, "generate_tok_s": generate, "step_ms_per_model": step_ms,
             }  # fmt: skip
-            if K:  # speculation's own ceiling at this draft acceptance: per committed token, (K+1) student
-                # steps and one verify (costed as one teacher step, a lower bound) over the tokens a round commits
-                per_token = ((K + 1) * step_ms["student"] + step_ms["teacher"]) * row["teacher_forwards_per_token"]
+            if K:  # speculation's own limit at this draft acceptance, measured in this run: per committed token,
+                # (K+1) student steps and one teacher forward over K+1 positions, over the tokens a round commits
+                per_token = ((K + 1) * step_ms["student"] + verify[K + 1]) * row["teacher_forwards_per_token"]
+                row["verify_ms"] = verify[K + 1]
+                # rows still decoding per round: rows commit different numbers of tokens, so with a fixed
+                # budget and no prompts left to join the batch thins out at the end (the step path's does not)
+                row["rows_per_round"] = info["row_rounds"] / info["spec_rounds"]
                 row["spec_over_step_bound"] = (step_ms["student"] + step_ms["teacher"]) / per_token
+                row["spec_over_own_limit"] = row["tok_s"] * per_token / 1000 / batch
             for side in ("student", "teacher"):
                 if info.get(f"{side}_cache_longest"):
                     row[f"{side}_cache_width_over_longest_mean"] = info[f"{side}_cache_width"] / info[f"{side}_cache_longest"]
@@ -432,6 +463,9 @@ def main() -> None:
                     help="random: random models (every proposal rejected); real: SmolLM2 teacher, real-weights students; "
                          "speculative: SmolLM2 teacher, distilled same-tokenizer student, K = --draft-tokens")
     ap.add_argument("--draft-tokens", default="0,2,4,8", help="speculative: comma-separated K (0 = step RSD, the baseline)")
+    ap.add_argument("--min-rows", type=int, default=4,
+                    help="speculative: decode at least this many prompts per row (batch 1: one after another), so one "
+                         "trace's luck does not decide a row")
     ap.add_argument("--recommended-k", type=int, default=4, help="speculative: the K whose batch-16 row must not slow down")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random workload: default cpu on cpu, qwen on cuda")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's; real: 1,16)")
@@ -445,7 +479,8 @@ def main() -> None:
     args.draft_tokens_given = "--draft-tokens" in sys.argv
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "workload": args.workload, "repeats": args.repeats, "rows": [],
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_at_start": os.getloadavg(),
+        "workload": args.workload, "repeats": args.repeats, "rows": [],
     }  # fmt: skip
     if args.workload == "real":
         run_real(args, report)
@@ -457,6 +492,7 @@ def main() -> None:
         run_speculative(args, report)
     else:
         run_random(args, report)
+    report["load_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2) if args.json else json.dumps(report["targets_met"], indent=2))
 
 
