@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct cut to its first ``LAYERS`` decoder layers keeps the teach
 weights, but raw it puts its mass on a few tokens and its own samples loop. A short distillation with the
 project's own ``rsd sft`` code on the teacher's own traces (teacher mode, simple math prompts) aligns its
 head with the teacher, so that RSD with the SmolLM2 teacher accepts most proposals and the student's own
-tokens read as text. Built once (a few minutes on 2 cores) and cached under ``$RSD_CACHE/students/``,
+tokens read as text. Built once (~25 min on 2 cores) and cached under ``$RSD_CACHE/students/``,
 keyed by ``VERSION`` (bump it when anything below changes).
 """
 
