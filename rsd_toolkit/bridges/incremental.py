@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .vocab import Vocab
@@ -33,16 +33,12 @@ CHECK_BYTES = 4  # a run cut is checked on at least this many bytes of tokens af
 MAX_TRIES = 6  # cuts tried before re-encoding the whole segment
 
 
-@dataclass
+@dataclass(slots=True)
 class Update:
     """How the target side changes: drop the last ``rollback`` ids, then append ``append``."""
 
     rollback: int = 0
-    append: list[int] | None = None
-
-    def __post_init__(self):
-        if self.append is None:
-            self.append = []
+    append: list[int] = field(default_factory=list)
 
     def then(self, other: "Update") -> "Update":
         """The single update equivalent to applying ``self`` and then ``other``."""
@@ -131,6 +127,9 @@ class IncrementalEncoder:
         """
         if not text:
             return Update()
+        fast = self.push_text_cached(text)
+        if fast is not None:
+            return fast
         buf, ends, ids, vocab = self._text, self._ends, self.ids, self.vocab
         lead = self._raw_len - len(buf)  # dummy-prefix bytes the tokens carry before the text
         old_len = len(buf)
@@ -178,6 +177,40 @@ class IncrementalEncoder:
             c, new_tail = 0, (yield self._encode_from(0, lead))
         return self._splice(self._seg0 + c, new_tail)
 
+    def push_text_cached(self, text: str) -> Update | None:
+        """:meth:`push_text` when it needs no tokenizer call: the text goes in as it is and its window (at a
+        stable junction, or from the latest stable cut) is in the window cache; ``None``, changing nothing,
+        otherwise. Most pushes end here, so it runs without a generator (the same branches as
+        :meth:`push_text_steps`, which tries it first)."""
+        ends = self._ends
+        if not ends or not text:
+            return None
+        buf, vocab = self._text, self.vocab
+        if self._unicode_form and not (text.isascii() and buf[-1:] < b"\x80") and not self._appends_as_is(text):
+            return None  # normalising changes the text: the slow path reads it back
+        old_len = len(buf)
+        if text[0] in " \t" and vocab.cut_flags[1][self.ids[-1]] and self._word_before(old_len):
+            tail = vocab._window_cache.get(text[1:] if vocab.strip_window and text[0] == " " else text)
+            if tail is None:
+                return None
+            buf += text.encode()
+            update = Update(0, list(tail))
+            self._extend(update.append)
+            return update
+        c = self._last_stable
+        if not c:
+            return None
+        cut = ends[c - 1]
+        pos = cut - (self._raw_len - old_len)
+        if ends[-1] - cut >= RUN_BYTES or not self._word_before(pos):
+            return None
+        window = buf[pos:].decode() + text
+        tail = vocab._window_cache.get(window[1:] if vocab.strip_window and window[0] == " " else window)
+        if tail is None:
+            return None
+        buf += text.encode()
+        return self._splice(self._seg0 + c, tail)
+
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
         """Replace ids[start:] by ``new_tail``; the Update keeps their common prefix."""
         ids = self.ids
@@ -213,6 +246,19 @@ class IncrementalEncoder:
         tail = bytes(buf[start:]).decode()
         del buf[start:]
         buf += unicodedata.normalize(self._unicode_form, tail + text).encode()
+
+    def _appends_as_is(self, text: str) -> bool:
+        """:meth:`_append_normalized` would append ``text`` unchanged: the last character is not a
+        combining mark (so it is the whole tail normalised again) and normalising it with ``text``
+        changes nothing."""
+        buf = self._text
+        start = len(buf) - 1
+        if start < 0:
+            return False
+        while start > 0 and (buf[start] & 0xC0) == 0x80:
+            start -= 1
+        last = buf[start:].decode(errors="ignore")
+        return bool(last) and not unicodedata.combining(last[0]) and unicodedata.is_normalized(self._unicode_form, last + text)
 
     def _cuts(self, lead: int):
         """Segment-relative token indices of cuts, latest first, then 0 (generated lazily).
@@ -299,24 +345,32 @@ class IncrementalEncoder:
         self.ids.extend(new_ids)
 
     def _replace_tail(self, start: int, new_ids: list[int]) -> None:
-        del self.ids[start:]
-        rel = start - self._seg0
-        del self._ends[rel:]
-        if self._last_stable >= rel:  # it was rolled back: the latest one left within reach
-            ends, self._last_stable = self._ends, 0
-            for i in range(rel - 1, 0, -1):
-                if self._stable(i):
-                    self._last_stable = i
-                    break
-                if ends[-1] - ends[i - 1] >= RUN_BYTES:
-                    break
-        raw = self._ends[-1] if self._ends else 0
-        table = self.vocab.token_bytes
+        ids, ends, seg0 = self.ids, self._ends, self._seg0
+        rel = start - seg0
+        del ids[start:]
+        del ends[rel:]
+        raw, table = (ends[-1] if ends else 0), self.vocab.token_bytes
         for i in new_ids:
             raw += len(table[i])
-            self._ends.append(raw)
+            ends.append(raw)
         self._raw_len = raw
-        self.ids.extend(new_ids)
-        for i in range(max(rel, 1), len(self._ends)):
+        ids.extend(new_ids)
+        starts, words = self.vocab.cut_flags
+        latest = 0
+        for i in range(max(rel, 1), len(ends)):
+            if starts[ids[seg0 + i]] and words[ids[seg0 + i - 1]]:
+                latest = i
+        if latest:
+            self._last_stable = latest
+        elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
+            self._last_stable = self._stable_before(rel)
+
+    def _stable_before(self, rel: int) -> int:
+        """The latest stable cut before segment token ``rel`` within ``RUN_BYTES`` of it (0: none)."""
+        ends = self._ends
+        for i in range(rel - 1, 0, -1):
             if self._stable(i):
-                self._last_stable = i
+                return i
+            if ends[rel - 1] - ends[i - 1] >= RUN_BYTES:
+                return 0
+        return 0

@@ -83,7 +83,24 @@ class Pair:
     def push(self, side: str, token: int) -> Step:
         """Add one token sampled by ``side``; returns how both sides' ids change."""
         self.check(side, token)
-        return drive(self.push_steps(side, token))
+        step = self.start(side, token)
+        return step if isinstance(step, Step) else drive(step)
+
+    def start(self, side: str, token: int) -> "Step | Steps":
+        """:meth:`push` (after :meth:`check`): the Step itself when no tokenizer call is needed (complete
+        text after complete text, windows cached: most pushes), else a generator of the encodes it needs
+        that returns the Step (``push_all`` drives many together). Either way the same state changes."""
+        if not self.held and not self._segment_start:  # (identical pairs never leave the segment start)
+            text = self.bridge.maps[side].plain_text[token]
+            if text is not None:
+                own = self.enc[side].push_text_cached(text)
+                if own is None:
+                    return self._plain(side, text, None)
+                other = self.enc[OTHER[side]].push_text_cached(text)
+                if other is None:
+                    return self._plain(side, text, own)
+                return Step(student=own, teacher=other) if side == STUDENT else Step(student=other, teacher=own)
+        return self.push_steps(side, token)
 
     def push_steps(self, side: str, token: int) -> Steps:
         """:meth:`push` (after :meth:`check`) as a generator of the encodes it needs (see ``push_all``)."""
@@ -103,10 +120,15 @@ class Pair:
         text = self._utf8.decode(data)
         unfinished = bool(self._utf8.getstate()[0])
         if not self.held and not unfinished:
-            own = yield from self.enc[side].push_text_steps(text)
-            other = yield from self.enc[OTHER[side]].push_text_steps(text)
-            return _step(side, own, other)
+            return (yield from self._plain(side, text, None))
         return (yield from self._hold(side, token, d.image(token), text, unfinished))
+
+    def _plain(self, side: str, text: str, own: Update | None) -> Steps:
+        """Complete text after complete text: both sides append it (``own``: the pushing side already has)."""
+        if own is None:
+            own = yield from self.enc[side].push_text_steps(text)
+        other = yield from self.enc[OTHER[side]].push_text_steps(text)
+        return _step(side, own, other)
 
     # -- inside a character --------------------------------------------------------------------------
     def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Steps:
