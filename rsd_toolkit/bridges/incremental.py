@@ -31,6 +31,7 @@ from .vocab import Vocab
 RUN_BYTES = 32  # no stable cut in this many bytes before the end: the text is in a long run
 CHECK_BYTES = 4  # a run cut is checked on at least this many bytes of tokens after it
 MAX_TRIES = 6  # cuts tried before re-encoding the whole segment
+_SPACES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII characters str.isspace() accepts
 
 
 @dataclass(slots=True)
@@ -146,9 +147,7 @@ class IncrementalEncoder:
             new_tail = vocab._window_cache.get(window)
             if new_tail is None:
                 new_tail = yield Encode(vocab, window, False)
-            update = Update(0, list(new_tail))
-            self._extend(update.append)
-            return update
+            return self._splice(len(ids), new_tail)
         c = self._last_stable
         if c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
             # the latest cut is stable: encode from it, no check
@@ -189,27 +188,25 @@ class IncrementalEncoder:
         if self._unicode_form and not (text.isascii() and buf[-1:] < b"\x80") and not self._appends_as_is(text):
             return None  # normalising changes the text: the slow path reads it back
         old_len = len(buf)
-        if text[0] in " \t" and vocab.cut_flags[1][self.ids[-1]] and self._word_before(old_len):
-            tail = vocab._window_cache.get(text[1:] if vocab.strip_window and text[0] == " " else text)
-            if tail is None:
+        last = buf[-1] if buf else 0x20
+        if text[0] in " \t" and vocab.cut_flags[1][self.ids[-1]] and (
+            last not in _SPACES if last < 0x80 else self._word_before(old_len)
+        ):
+            start, window = len(self.ids), text
+        else:
+            c = self._last_stable
+            if not c:
                 return None
-            buf += text.encode()
-            update = Update(0, list(tail))
-            self._extend(update.append)
-            return update
-        c = self._last_stable
-        if not c:
-            return None
-        cut = ends[c - 1]
-        pos = cut - (self._raw_len - old_len)
-        if ends[-1] - cut >= RUN_BYTES or not self._word_before(pos):
-            return None
-        window = buf[pos:].decode() + text
+            cut = ends[c - 1]
+            pos = cut - (self._raw_len - old_len)
+            if ends[-1] - cut >= RUN_BYTES or not self._word_before(pos):
+                return None
+            start, window = self._seg0 + c, buf[pos:].decode() + text
         tail = vocab._window_cache.get(window[1:] if vocab.strip_window and window[0] == " " else window)
         if tail is None:
             return None
         buf += text.encode()
-        return self._splice(self._seg0 + c, tail)
+        return self._splice(start, tail)
 
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
         """Replace ids[start:] by ``new_tail``; the Update keeps their common prefix."""
@@ -299,7 +296,7 @@ class IncrementalEncoder:
             return False
         last = buf[pos - 1]
         if last < 0x80:
-            return last not in b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+            return last not in _SPACES
         ch = bytes(buf[max(0, pos - 4) : pos]).decode(errors="ignore")[-1:]
         return bool(ch) and not ch.isspace()
 
@@ -329,32 +326,18 @@ class IncrementalEncoder:
             window = window[1:]  # the normaliser prepends the dummy space again
         return Encode(self.vocab, window, False)
 
-    def _extend(self, new_ids: list[int]) -> None:
-        """``_replace_tail(len(ids), new_ids)``: nothing rolled back."""
-        ends, table = self._ends, self.vocab.token_bytes
-        starts, words = self.vocab.cut_flags
-        raw, prev = self._raw_len, (self.ids[-1] if len(self.ids) > self._seg0 else None)
-        rel = len(ends)
-        for k, i in enumerate(new_ids):
-            raw += len(table[i])
-            ends.append(raw)
-            if prev is not None and starts[i] and words[prev]:
-                self._last_stable = rel + k
-            prev = i
-        self._raw_len = raw
-        self.ids.extend(new_ids)
-
     def _replace_tail(self, start: int, new_ids: list[int]) -> None:
         ids, ends, seg0 = self.ids, self._ends, self._seg0
         rel = start - seg0
-        del ids[start:]
-        del ends[rel:]
-        raw, table = (ends[-1] if ends else 0), self.vocab.token_bytes
+        if rel < len(ends):
+            del ids[start:]
+            del ends[rel:]
+        raw, lens = (ends[-1] if ends else 0), self.vocab.token_lens
         for i in new_ids:
-            raw += len(table[i])
+            raw += lens[i]
             ends.append(raw)
         self._raw_len = raw
-        ids.extend(new_ids)
+        ids += new_ids
         starts, words = self.vocab.cut_flags
         latest = 0
         for i in range(max(rel, 1), len(ends)):

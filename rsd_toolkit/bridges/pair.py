@@ -37,7 +37,7 @@ OTHER = {TEACHER: STUDENT, STUDENT: TEACHER}
 NO_TOKEN = -1  # an id table's entry where the other side has no 1:1 counterpart
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     student: Update
     teacher: Update
@@ -93,13 +93,15 @@ class Pair:
         if not self.held and not self._segment_start:  # (identical pairs never leave the segment start)
             text = self.bridge.maps[side].plain_text[token]
             if text is not None:
-                own = self.enc[side].push_text_cached(text)
+                enc = self.enc
+                own = enc[side].push_text_cached(text)
                 if own is None:
                     return self._plain(side, text, None)
-                other = self.enc[OTHER[side]].push_text_cached(text)
-                if other is None:
-                    return self._plain(side, text, own)
-                return Step(student=own, teacher=other) if side == STUDENT else Step(student=other, teacher=own)
+                if side == TEACHER:
+                    other = enc[STUDENT].push_text_cached(text)
+                    return self._plain(side, text, own) if other is None else Step(other, own)
+                other = enc[TEACHER].push_text_cached(text)
+                return self._plain(side, text, own) if other is None else Step(own, other)
         return self.push_steps(side, token)
 
     def push_steps(self, side: str, token: int) -> Steps:
