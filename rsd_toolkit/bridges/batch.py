@@ -23,8 +23,12 @@ def push_all(pairs: Sequence[Pair], side: str, tokens: Sequence[int]) -> list[St
     """
     if len(pairs) != len(tokens):
         raise ValueError(f"{len(pairs)} pairs for {len(tokens)} tokens")
+    bridge, size = None, 0
     for pair, token in zip(pairs, tokens):
-        pair.check(side, token)
+        if pair.bridge is not bridge:
+            bridge, size = pair.bridge, pair.bridge.maps[side].src.size
+        if pair.held or not 0 <= token < size:  # only these rows can fail the check
+            pair.check(side, token)
     out: list[Step | Steps] = [pair.start(side, token) for pair, token in zip(pairs, tokens)]  # Steps until run
     gens: dict[int, Steps] = {}
     waiting: list[tuple[int, Encode]] = []

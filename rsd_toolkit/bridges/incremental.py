@@ -64,6 +64,10 @@ class Encode(NamedTuple):
     def run(self) -> Sequence[int]:
         return self.vocab.encode(self.text) if self.whole else self.vocab.encode_window(self.text)
 
+    def cached(self) -> Sequence[int] | None:
+        """The answer when the window cache has it (the encoder then need not yield the request)."""
+        return None if self.whole else self.vocab._window_cache.get(self.text)
+
 
 Steps = Generator[Encode, Sequence[int], Any]
 
@@ -162,11 +166,13 @@ class IncrementalEncoder:
         for tries, cut in enumerate(self._cuts(lead)):  # latest first
             if later is None:
                 if cut and self._stable(cut) and self._word_before(ends[cut - 1] - lead):  # needs no check
-                    c, new_tail = cut, (yield self._encode_from(cut, lead))
+                    request = self._encode_from(cut, lead)
+                    c, new_tail = cut, request.cached() or (yield request)
                     break
             else:
                 c = cut if tries <= MAX_TRIES else 0
-                new_tail = yield self._encode_from(c, lead)
+                request = self._encode_from(c, lead)
+                new_tail = request.cached() or (yield request)
                 checked = later - c  # the tokens between two cuts must re-encode to what we had
                 start = self._seg0 + c
                 if c == 0 or list(new_tail[:checked]) == ids[start : start + checked]:
@@ -209,16 +215,35 @@ class IncrementalEncoder:
         return self._splice(start, tail)
 
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
-        """Replace ids[start:] by ``new_tail``; the Update keeps their common prefix."""
-        ids = self.ids
-        n_old = len(ids) - start
-        limit = min(n_old, len(new_tail))
+        """Replace ids[start:] by ``new_tail`` (token ends and the latest stable cut follow); the Update
+        keeps their common prefix."""
+        ids, ends, seg0 = self.ids, self._ends, self._seg0
+        n_old, n_new = len(ids) - start, len(new_tail)
         lcp = 0
-        while lcp < limit and ids[start + lcp] == new_tail[lcp]:
+        while lcp < n_old and lcp < n_new and ids[start + lcp] == new_tail[lcp]:
             lcp += 1
-        update = Update(n_old - lcp, list(new_tail[lcp:]))
-        self._replace_tail(start + lcp, update.append)
-        return update
+        append = list(new_tail[lcp:])
+        start += lcp
+        rel = start - seg0
+        if lcp < n_old:
+            del ids[start:]
+            del ends[rel:]
+        raw, lens = (ends[-1] if ends else 0), self.vocab.token_lens
+        for i in append:
+            raw += lens[i]
+            ends.append(raw)
+        self._raw_len = raw
+        ids += append
+        starts, words = self.vocab.cut_flags
+        latest = 0
+        for i in range(rel or 1, len(ends)):
+            if starts[ids[seg0 + i]] and words[ids[seg0 + i - 1]]:
+                latest = i
+        if latest:
+            self._last_stable = latest
+        elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
+            self._last_stable = self._stable_before(rel)
+        return Update(n_old - lcp, append)
 
     # -- internals -----------------------------------------------------------------------------------
     def _append_normalized(self, text: str) -> None:
@@ -325,28 +350,6 @@ class IncrementalEncoder:
         if self.vocab.strip_leading_space and window.startswith(" ") and not self.vocab.continues_exactly:
             window = window[1:]  # the normaliser prepends the dummy space again
         return Encode(self.vocab, window, False)
-
-    def _replace_tail(self, start: int, new_ids: list[int]) -> None:
-        ids, ends, seg0 = self.ids, self._ends, self._seg0
-        rel = start - seg0
-        if rel < len(ends):
-            del ids[start:]
-            del ends[rel:]
-        raw, lens = (ends[-1] if ends else 0), self.vocab.token_lens
-        for i in new_ids:
-            raw += lens[i]
-            ends.append(raw)
-        self._raw_len = raw
-        ids += new_ids
-        starts, words = self.vocab.cut_flags
-        latest = 0
-        for i in range(max(rel, 1), len(ends)):
-            if starts[ids[seg0 + i]] and words[ids[seg0 + i - 1]]:
-                latest = i
-        if latest:
-            self._last_stable = latest
-        elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
-            self._last_stable = self._stable_before(rel)
 
     def _stable_before(self, rel: int) -> int:
         """The latest stable cut before segment token ``rel`` within ``RUN_BYTES`` of it (0: none)."""
