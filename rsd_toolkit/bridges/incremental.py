@@ -122,8 +122,14 @@ class IncrementalEncoder:
         return drive(self.push_text_steps(text))
 
     def push_text_steps(self, text: str) -> Steps:
-        """:meth:`push_text` as a generator: yields each :class:`Encode` it needs, is sent its ids, returns
-        the Update. ``Pair.push`` drives it directly; ``push_all`` drives a whole batch's at once, so the
+        """:meth:`push_text` as a generator of the encodes it needs (see :meth:`start_text`)."""
+        started = self.start_text(text)
+        return started if isinstance(started, Update) else (yield from started)
+
+    def start_text(self, text: str) -> "Update | Steps":
+        """Append text: the Update itself when every window it needs is in the window cache (most pushes),
+        else a generator that yields each :class:`Encode` still needed, is sent its ids, and returns the
+        Update. ``Pair.push`` drives it directly; ``push_all`` drives a whole batch's at once, so the
         encodes of one step go to each tokenizer together (the same code either way, hence the same ids).
 
         The window is the smallest one the cuts allow: when the new text starts a stable cut (a space or
@@ -132,43 +138,55 @@ class IncrementalEncoder:
         """
         if not text:
             return Update()
-        fast = self.push_text_cached(text)
-        if fast is not None:
-            return fast
         buf, ends, ids, vocab = self._text, self._ends, self.ids, self.vocab
-        lead = self._raw_len - len(buf)  # dummy-prefix bytes the tokens carry before the text
         old_len = len(buf)
-        junction = bool(ends) and text[0] in " \t" and vocab.cut_flags[1][ids[-1]] and self._word_before(old_len)
-        if self._unicode_form and not (text.isascii() and (not buf or buf[-1] < 0x80)):
+        lead = self._raw_len - old_len  # dummy-prefix bytes the tokens carry before the text
+        last = buf[-1] if buf else 0x20
+        junction = (
+            bool(ends) and text[0] in " \t" and vocab.cut_flags[1][ids[-1]]
+            and (last not in _SPACES if last < 0x80 else self._word_before(old_len))
+        )  # fmt: skip
+        if self._unicode_form and not (text.isascii() and last < 0x80) and not self._appends_as_is(text):
             self._append_normalized(text)
-            text = None  # the appended text may differ: read it back from the buffer
+            text = None  # the appended text differs: read it back from the buffer
         else:
             buf += text.encode()
         if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
-            window = text if text is not None else bytes(buf[old_len:]).decode()
-            if vocab.strip_window and window[:1] == " ":
-                window = window[1:]  # the normaliser prepends the dummy space again
-            new_tail = vocab._window_cache.get(window)
-            if new_tail is None:
-                new_tail = yield Encode(vocab, window, False)
-            return self._splice(len(ids), new_tail)
+            return self._window_splice(len(ids), text if text is not None else buf[old_len:].decode())
         c = self._last_stable
         if c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
             # the latest cut is stable: encode from it, no check
-            window = bytes(buf[ends[c - 1] - lead :]).decode()
-            if vocab.strip_window and window[:1] == " ":
-                window = window[1:]
-            new_tail = vocab._window_cache.get(window)
-            if new_tail is None:
-                new_tail = yield Encode(vocab, window, False)
-            return self._splice(self._seg0 + c, new_tail)
+            return self._window_splice(self._seg0 + c, buf[ends[c - 1] - lead :].decode())
+        search = self._search(lead)
+        try:
+            request = next(search)
+        except StopIteration as found:
+            return self._splice(self._seg0 + found.value[0], found.value[1])
+        return self._resume(search, request)
+
+    def _window_splice(self, start: int, window: str) -> "Update | Steps":
+        """Splice in the ids of a window that starts at a stable cut (token index ``start``)."""
+        vocab = self.vocab
+        if vocab.strip_window and window[:1] == " ":
+            window = window[1:]  # the normaliser prepends the dummy space again
+        new_tail = vocab._window_cache.get(window)
+        if new_tail is None:
+            return self._splice_when_sent(start, Encode(vocab, window, False))
+        return self._splice(start, new_tail)
+
+    def _splice_when_sent(self, start: int, request: Encode) -> Steps:
+        return self._splice(start, (yield request))
+
+    def _search(self, lead: int) -> Generator[Encode, Sequence[int], tuple[int, Sequence[int]]]:
+        """Where no stable cut is near: try cuts from the latest back, each window checked against the
+        tokens we had; returns the cut and its window's ids (yielding only windows the cache lacks)."""
+        ends, ids = self._ends, self.ids
         later, c, new_tail = None, 0, None
         for tries, cut in enumerate(self._cuts(lead)):  # latest first
             if later is None:
                 if cut and self._stable(cut) and self._word_before(ends[cut - 1] - lead):  # needs no check
                     request = self._encode_from(cut, lead)
-                    c, new_tail = cut, request.cached() or (yield request)
-                    break
+                    return cut, request.cached() or (yield request)
             else:
                 c = cut if tries <= MAX_TRIES else 0
                 request = self._encode_from(c, lead)
@@ -176,69 +194,45 @@ class IncrementalEncoder:
                 checked = later - c  # the tokens between two cuts must re-encode to what we had
                 start = self._seg0 + c
                 if c == 0 or list(new_tail[:checked]) == ids[start : start + checked]:
-                    break
+                    return c, new_tail
             later = cut
-        else:
-            c, new_tail = 0, (yield self._encode_from(0, lead))
-        return self._splice(self._seg0 + c, new_tail)
+        return 0, (yield self._encode_from(0, lead))
 
-    def push_text_cached(self, text: str) -> Update | None:
-        """:meth:`push_text` when it needs no tokenizer call: the text goes in as it is and its window (at a
-        stable junction, or from the latest stable cut) is in the window cache; ``None``, changing nothing,
-        otherwise. Most pushes end here, so it runs without a generator (the same branches as
-        :meth:`push_text_steps`, which tries it first)."""
-        ends = self._ends
-        if not ends or not text:
-            return None
-        buf, vocab = self._text, self.vocab
-        if self._unicode_form and not (text.isascii() and buf[-1:] < b"\x80") and not self._appends_as_is(text):
-            return None  # normalising changes the text: the slow path reads it back
-        old_len = len(buf)
-        last = buf[-1] if buf else 0x20
-        if text[0] in " \t" and vocab.cut_flags[1][self.ids[-1]] and (
-            last not in _SPACES if last < 0x80 else self._word_before(old_len)
-        ):
-            start, window = len(self.ids), text
-        else:
-            c = self._last_stable
-            if not c:
-                return None
-            cut = ends[c - 1]
-            pos = cut - (self._raw_len - old_len)
-            if ends[-1] - cut >= RUN_BYTES or not self._word_before(pos):
-                return None
-            start, window = self._seg0 + c, buf[pos:].decode() + text
-        tail = vocab._window_cache.get(window[1:] if vocab.strip_window and window[0] == " " else window)
-        if tail is None:
-            return None
-        buf += text.encode()
-        return self._splice(start, tail)
+    def _resume(self, search: Generator, request: Encode) -> Steps:
+        """The rest of a search that stopped at a window the cache lacks, then the splice."""
+        while True:
+            try:
+                request = search.send((yield request))
+            except StopIteration as found:
+                return self._splice(self._seg0 + found.value[0], found.value[1])
 
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
         """Replace ids[start:] by ``new_tail`` (token ends and the latest stable cut follow); the Update
         keeps their common prefix."""
         ids, ends, seg0 = self.ids, self._ends, self._seg0
-        n_old, n_new = len(ids) - start, len(new_tail)
+        n_old = len(ids) - start
         lcp = 0
-        while lcp < n_old and lcp < n_new and ids[start + lcp] == new_tail[lcp]:
-            lcp += 1
-        append = list(new_tail[lcp:])
-        start += lcp
+        if n_old:
+            limit = min(n_old, len(new_tail))
+            while lcp < limit and ids[start + lcp] == new_tail[lcp]:
+                lcp += 1
+            start += lcp
+            if lcp < n_old:
+                del ids[start:]
+                del ends[start - seg0 :]
+        append = list(new_tail[lcp:]) if lcp else list(new_tail)
         rel = start - seg0
-        if lcp < n_old:
-            del ids[start:]
-            del ends[rel:]
-        raw, lens = (ends[-1] if ends else 0), self.vocab.token_lens
-        for i in append:
+        starts, words = self.vocab.cut_flags
+        lens = self.vocab.token_lens
+        raw, prev, latest = (ends[-1] if ends else 0), (ids[start - 1] if rel else -1), 0
+        for k, i in enumerate(append, rel):
             raw += lens[i]
             ends.append(raw)
+            if starts[i] and prev >= 0 and words[prev]:
+                latest = k
+            prev = i
         self._raw_len = raw
         ids += append
-        starts, words = self.vocab.cut_flags
-        latest = 0
-        for i in range(rel or 1, len(ends)):
-            if starts[ids[seg0 + i]] and words[ids[seg0 + i - 1]]:
-                latest = i
         if latest:
             self._last_stable = latest
         elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
