@@ -22,6 +22,7 @@ Special tokens that the bridge maps by role are hard segment boundaries: nothing
 from __future__ import annotations
 
 import unicodedata
+from array import array
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -90,7 +91,7 @@ class IncrementalEncoder:
         self._unicode_form = vocab.unicode_normalization  # e.g. "NFC": text is kept normalised
         self.ids: list[int] = []
         self._seg0 = 0  # index in ids where the current segment starts
-        self._ends: list[int] = []  # raw-byte end of each token of the current segment
+        self._ends = array("q")  # raw-byte end of each token of the current segment (an array: copies are cheap)
         self._text = bytearray()  # UTF-8 text of the current segment
         self._raw_len = 0  # sum of token byte lengths of the current segment
         # Latest stable cut (segment token index; 0: none within RUN_BYTES of where the tail last changed),
@@ -103,7 +104,7 @@ class IncrementalEncoder:
         new._unicode_form = self._unicode_form
         new.ids = list(self.ids)
         new._seg0 = self._seg0
-        new._ends = list(self._ends)
+        new._ends = self._ends[:]
         new._text = bytearray(self._text)
         new._raw_len = self._raw_len
         new._last_stable = self._last_stable
@@ -114,7 +115,7 @@ class IncrementalEncoder:
         """Append a token that closes the current segment (a role-mapped special token)."""
         self.ids.append(token_id)
         self._seg0 = len(self.ids)
-        self._ends, self._text, self._raw_len, self._last_stable = [], bytearray(), 0, 0
+        self._ends, self._text, self._raw_len, self._last_stable = array("q"), bytearray(), 0, 0
         return Update(0, [token_id])
 
     def push_text(self, text: str) -> Update:
