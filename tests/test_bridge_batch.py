@@ -86,7 +86,7 @@ def test_a_copy_is_independent(text, vocab):
     pair = bridge.pair()
     for i in ids[:-3]:
         pair.push(TEACHER, i)
-    before = {side: list(enc.ids) for side, enc in pair.enc.items()}
+    before = {side: enc.ids for side, enc in pair.enc.items()}
     trial = pair.copy()
     steps = [trial.push(TEACHER, i) for i in ids[-3:]]
     assert {side: enc.ids for side, enc in pair.enc.items()} == before

@@ -89,7 +89,7 @@ class IncrementalEncoder:
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._unicode_form = vocab.unicode_normalization  # e.g. "NFC": text is kept normalised
-        self.ids: list[int] = []
+        self._ids = array("q")  # ids of every segment (an array: copies are cheap)
         self._seg0 = 0  # index in ids where the current segment starts
         self._ends = array("q")  # raw-byte end of each token of the current segment (an array: copies are cheap)
         self._text = bytearray()  # UTF-8 text of the current segment
@@ -102,7 +102,7 @@ class IncrementalEncoder:
         new = IncrementalEncoder.__new__(IncrementalEncoder)
         new.vocab = self.vocab
         new._unicode_form = self._unicode_form
-        new.ids = list(self.ids)
+        new._ids = self._ids[:]
         new._seg0 = self._seg0
         new._ends = self._ends[:]
         new._text = bytearray(self._text)
@@ -110,11 +110,16 @@ class IncrementalEncoder:
         new._last_stable = self._last_stable
         return new
 
+    @property
+    def ids(self) -> list[int]:
+        """This side's ids so far (a new list)."""
+        return self._ids.tolist()
+
     # -- appending ---------------------------------------------------------------------------------
     def push_special(self, token_id: int) -> Update:
         """Append a token that closes the current segment (a role-mapped special token)."""
-        self.ids.append(token_id)
-        self._seg0 = len(self.ids)
+        self._ids.append(token_id)
+        self._seg0 = len(self._ids)
         self._ends, self._text, self._raw_len, self._last_stable = array("q"), bytearray(), 0, 0
         return Update(0, [token_id])
 
@@ -139,7 +144,7 @@ class IncrementalEncoder:
         """
         if not text:
             return Update()
-        buf, ends, ids, vocab = self._text, self._ends, self.ids, self.vocab
+        buf, ends, ids, vocab = self._text, self._ends, self._ids, self.vocab
         old_len = len(buf)
         lead = self._raw_len - old_len  # dummy-prefix bytes the tokens carry before the text
         last = buf[-1] if buf else 0x20
@@ -181,7 +186,7 @@ class IncrementalEncoder:
     def _search(self, lead: int) -> Generator[Encode, Sequence[int], tuple[int, Sequence[int]]]:
         """Where no stable cut is near: try cuts from the latest back, each window checked against the
         tokens we had; returns the cut and its window's ids (yielding only windows the cache lacks)."""
-        ends, ids = self._ends, self.ids
+        ends, ids = self._ends, self._ids
         later, c, new_tail = None, 0, None
         for tries, cut in enumerate(self._cuts(lead)):  # latest first
             if later is None:
@@ -194,7 +199,7 @@ class IncrementalEncoder:
                 new_tail = request.cached() or (yield request)
                 checked = later - c  # the tokens between two cuts must re-encode to what we had
                 start = self._seg0 + c
-                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked]:
+                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked].tolist():
                     return c, new_tail
             later = cut
         return 0, (yield self._encode_from(0, lead))
@@ -210,7 +215,7 @@ class IncrementalEncoder:
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
         """Replace ids[start:] by ``new_tail`` (token ends and the latest stable cut follow); the Update
         keeps their common prefix."""
-        ids, ends, seg0 = self.ids, self._ends, self._seg0
+        ids, ends, seg0 = self._ids, self._ends, self._seg0
         n_old = len(ids) - start
         lcp = 0
         if n_old:
@@ -233,7 +238,7 @@ class IncrementalEncoder:
                 latest = k
             prev = i
         self._raw_len = raw
-        ids += append
+        ids.extend(append)
         if latest:
             self._last_stable = latest
         elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
@@ -283,7 +288,7 @@ class IncrementalEncoder:
         Stable cuts, and run cuts where stable cuts are ``RUN_BYTES`` or more apart (or the text has had
         none for that long): token boundaries at a character start, ``CHECK_BYTES`` or more apart.
         """
-        ends, ids, seg0 = self._ends, self.ids, self._seg0
+        ends, ids, seg0 = self._ends, self._ids, self._seg0
         starts_space, ends_word = self.vocab.cut_flags
         runs = self.vocab.continues_exactly
         anchor = ends[-1] if ends else 0  # start of the latest stable cut (or the end of the text)
@@ -305,7 +310,7 @@ class IncrementalEncoder:
         """Token i of the segment starts with a space or tab that follows a non-space."""
         starts, ends = self.vocab.cut_flags
         j = self._seg0 + i
-        return bool(starts[self.ids[j]] and ends[self.ids[j - 1]])
+        return bool(starts[self._ids[j]] and ends[self._ids[j - 1]])
 
     def _word_before(self, pos: int) -> bool:
         """The text's character ending at byte ``pos`` is not whitespace: a space or tab after it is a
