@@ -157,22 +157,19 @@ class IncrementalEncoder:
             text = None  # the appended text differs: read it back from the buffer
         else:
             buf += text.encode()
-        if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
-            return self._window_splice(len(ids), text if text is not None else buf[old_len:].decode())
         c = self._last_stable
-        if c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
+        if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
+            start, window = len(ids), (text if text is not None else buf[old_len:].decode())
+        elif c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
             # the latest cut is stable: encode from it, no check
-            return self._window_splice(self._seg0 + c, buf[ends[c - 1] - lead :].decode())
-        search = self._search(lead)
-        try:
-            request = next(search)
-        except StopIteration as found:
-            return self._splice(self._seg0 + found.value[0], found.value[1])
-        return self._resume(search, request)
-
-    def _window_splice(self, start: int, window: str) -> "Update | Steps":
-        """Splice in the ids of a window that starts at a stable cut (token index ``start``)."""
-        vocab = self.vocab
+            start, window = self._seg0 + c, buf[ends[c - 1] - lead :].decode()
+        else:
+            search = self._search(lead)
+            try:
+                request = next(search)
+            except StopIteration as found:
+                return self._splice(self._seg0 + found.value[0], found.value[1])
+            return self._resume(search, request)
         if vocab.strip_window and window[:1] == " ":
             window = window[1:]  # the normaliser prepends the dummy space again
         new_tail = vocab._window_cache.get(window)
@@ -230,13 +227,14 @@ class IncrementalEncoder:
         rel = start - seg0
         starts, words = self.vocab.cut_flags
         lens = self.vocab.token_lens
-        raw, prev, latest = (ends[-1] if ends else 0), (ids[start - 1] if rel else -1), 0
-        for k, i in enumerate(append, rel):
+        raw, prev, latest, k = (ends[-1] if ends else 0), (ids[start - 1] if rel else -1), 0, rel
+        for i in append:
             raw += lens[i]
             ends.append(raw)
             if starts[i] and prev >= 0 and words[prev]:
                 latest = k
             prev = i
+            k += 1
         self._raw_len = raw
         ids.extend(append)
         if latest:
