@@ -2,10 +2,10 @@
 
 Each :meth:`Pair.push <.pair.Pair.push>` starts with :meth:`~.pair.Pair.start`: the Step when no tokenizer
 call is needed (most pushes), else a generator of the calls it needs (:class:`~.incremental.Encode`).
-Here the rows' generators run in lock-step: a round collects one request per
-row still working, answers them per tokenizer together (memoised windows first, then the misses in one
-``encode_batch_fast`` call), and sends each row its ids. The pushes run exactly the code a
-single push runs, so the Steps are the same; only the tokenizer calls are grouped.
+Here the rows' generators run in lock-step: a round collects one request per row still working, answers
+them per tokenizer together (memoised windows first, then the misses in one ``encode_batch_fast`` call),
+and sends each row its ids. The pushes run exactly the code a single push runs, so the Steps are the
+same; only the tokenizer calls are grouped.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def push_all(pairs: Sequence[Pair], side: str, tokens: Sequence[int]) -> list[St
             bridge, size = pair.bridge, pair.bridge.maps[side].src.size
         if pair.held or not 0 <= token < size:  # only these rows can fail the check
             pair.check(side, token)
-    out: list[Step | Steps] = [pair.start(side, token) for pair, token in zip(pairs, tokens)]  # Steps until run
+    out: list[Step | Steps] = [pair.start(side, token) for pair, token in zip(pairs, tokens)]  # Steps: not done
     gens: dict[int, Steps] = {}
     waiting: list[tuple[int, Encode]] = []
     for k, started in enumerate(out):
