@@ -20,7 +20,9 @@ hostile: the same kind of run with other content), pushed one step at a time thr
 call per step, the rows' tokenizer calls grouped): ``pushes_per_s`` (all rows' pushes per wall second),
 ``us_cpu_per_step`` (process CPU time per step of B pushes), ``per_row_encode_pushes_per_s`` (the same
 with every tokenizer call made per row, no ``encode_batch_fast``), window-cache misses per push, and
-mismatches (every row checked every 16th step and at the end). Window caches are cleared before every
+mismatches (every row checked every 16th step and at the end). ``trial_pushes_per_s`` /
+``trial_us_cpu_per_push``: the same steps as the engine runs them, each row's pair copied before its push
+(the copy replaces it), so ``Pair.copy`` is counted. Per-vocabulary tables are built before timing. Window caches are cleared before every
 timed run (hostile rows: before the warm-up run). The machine (cores, load average) is in the JSON.
 
 Targets (issues 2, 13): 0 mismatches; >= 20,000 pushes/s on one core, hostile text included.
@@ -104,9 +106,17 @@ def clear_caches(bridge) -> None:
     bridge.student._window_cache.clear()
 
 
-def run_ours(bridge, ids, offsets=None, clear: bool = True):
+def warm_up(bridge, ids: list[int]) -> None:
+    """Per-vocabulary tables are built on first use (once per process): not timed. A pair's second push
+    is the first past the segment start, which reads the per-token text table."""
+    pair = bridge.pair()
+    for i in ids[:2]:
+        pair.push(TEACHER, i)
+
+
+def run_ours(bridge, ids, clear: bool = True):
     """Pushes/s (and per-push seconds) of the teacher stream; mismatch rate on a second, untimed pass."""
-    bridge.pair().push(TEACHER, ids[0])  # warm-up: per-vocabulary tables are built on first use
+    warm_up(bridge, ids)
     if clear:
         clear_caches(bridge)
     pair, costs = bridge.pair(), []
@@ -148,11 +158,15 @@ def run_hostile(bridge, prefix: str, run: str, warm_up: str) -> dict:
     }  # fmt: skip
 
 
-def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = None, per_row: bool = False) -> dict:
+def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = None, per_row: bool = False,
+              trial: bool = False) -> dict:  # fmt: skip
     """B rows pushed one step at a time through ``push_all``: pushes/s, CPU per step, exactness.
 
     ``warm``: streams pushed first, untimed, after the caches are cleared (hostile rows: a run of the same
-    kind). ``per_row``: every tokenizer call made alone (``encode_batch_fast`` off), for comparison."""
+    kind). ``per_row``: every tokenizer call made alone (``encode_batch_fast`` off), for comparison.
+    ``trial``: as the engine's ``_trials`` does, every step pushes copies of the rows' pairs (which then
+    replace them), so the copies are timed too."""
+    warm_up(bridge, streams[0])
     clear_caches(bridge)
     if warm:
         for stream in warm:
@@ -168,7 +182,11 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
         steps = [[(r, s[k]) for r, s in enumerate(streams) if k < len(s)] for k in range(n)]
         t0, c0 = time.perf_counter(), time.process_time()
         for step in steps:
-            push_all([pairs[r] for r, _ in step], TEACHER, [t for _, t in step])
+            rows = [pairs[r].copy() for r, _ in step] if trial else [pairs[r] for r, _ in step]
+            push_all(rows, TEACHER, [t for _, t in step])
+            if trial:
+                for (r, _), pair in zip(step, rows):
+                    pairs[r] = pair
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         vocab_module.BATCH_MIN = saved
@@ -177,7 +195,7 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
     out = {"rows": len(streams), "steps": n, "pushes": pushes, "pushes_per_s": round(pushes / wall),
            "us_cpu_per_step": round(1e6 * cpu / n, 1), "us_cpu_per_push": round(1e6 * cpu / pushes, 2),
            "cache_misses_per_push": round((misses[1] - misses[0]) / pushes, 4)}  # fmt: skip
-    if per_row:
+    if per_row or trial:
         return out
     pairs, mirrors, bad, checked = [bridge.pair() for _ in streams], [[] for _ in streams], 0, 0
     for k, step in enumerate(steps):
@@ -262,6 +280,8 @@ def main() -> None:
         for size in batches:
             streams = [bridge.teacher.encode(corpus(args.batch_chars, seed=10 + r)) for r in range(size)]
             row = {"src": a, "dst": b, "kind": bridge.kind, "text": "corpus", "batch": size, **run_batch(bridge, streams)}
+            trial = run_batch(bridge, streams, trial=True)
+            row.update(trial_pushes_per_s=trial["pushes_per_s"], trial_us_cpu_per_push=trial["us_cpu_per_push"])
             if size > 1:
                 row["per_row_encode_pushes_per_s"] = run_batch(bridge, streams, per_row=True)["pushes_per_s"]
             batch_rows.append(row)
@@ -300,6 +320,8 @@ def main() -> None:
         "hostile": hostile,
         "batch": batch_rows,
         "min_batch64_pushes_per_s": min(b64, default=None),
+        "min_batch64_trial_pushes_per_s": min((r["trial_pushes_per_s"] for r in batch_rows if r["text"] == "corpus"
+                                               and r["batch"] == 64 and r["kind"] != "identical"), default=None),
         "min_hostile_over_normal_batched": round(min(hostile_vs_normal), 2) if hostile_vs_normal else None,
         "max_batch_mismatches": max((r.get("mismatches", 0) for r in batch_rows), default=None),
         "min_ours_tokens_per_s": min_tps,

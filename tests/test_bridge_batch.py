@@ -1,16 +1,18 @@
 """``push_all``: one step's pushes for a batch of pairs, with the tokenizer calls grouped.
 
 The interleaved fuzz (``test_bridges_properties.py``, ``path="batched"``) checks canonical ids on the
-batched path; here: a batch equals the same pushes made one at a time, a bad push changes no pair, and
-the engine's step time spent in the bridge is counted.
+batched path; here: a batch equals the same pushes made one at a time, a bad push changes no pair, cached
+pushes (no generator) equal uncached ones, copies are independent, and the engine's step time spent in
+the bridge is counted.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from rsd_toolkit.bridges import STUDENT, TEACHER, make_bridge, push_all
+from rsd_toolkit.bridges import STUDENT, TEACHER, Step, make_bridge, push_all
 from rsd_toolkit.bridges.compat import SAMPLE_TEXT
+from rsd_toolkit.bridges.incremental import drive
 
 TEXTS = [SAMPLE_TEXT[k * 37 : k * 37 + 300] for k in range(12)] + [" " * 90 + "x", "机器学习" * 20, "0123456789" * 9]
 
@@ -51,3 +53,42 @@ def test_engine_counts_bridge_time():
     assert engine.kind == "bridged"
     out = engine.generate(["Add 2 and 3.", "Name a colour."], batch_size=2)
     assert out.stats["bridge_s"] > 0
+
+
+@pytest.mark.parametrize("a,b", [("qwen2", "mistral-v1"), ("llama-bpe", "gpt-2")])
+def test_cached_pushes_skip_the_generators_and_change_nothing_else(a, b, vocab):
+    """``Pair.start`` answers a push whose windows are cached with the Step itself; the Steps and the
+    ids are those of pushes made while every window is a miss (each one a tokenizer call)."""
+    bridge = make_bridge(vocab(a), vocab(b))
+    ids = bridge.teacher.encode(SAMPLE_TEXT[:1500])
+    filler = bridge.pair()
+    for i in ids:  # fill the window caches
+        filler.push(TEACHER, i)
+    warm, cold, direct, steps = bridge.pair(), bridge.pair(), 0, []
+    for i in ids:
+        started = warm.start(TEACHER, i)
+        direct += isinstance(started, Step)
+        steps.append(started if isinstance(started, Step) else drive(started))
+    assert direct > 0.8 * len(ids)
+    for i, step in zip(ids, steps):
+        bridge.teacher._window_cache.clear()
+        bridge.student._window_cache.clear()
+        assert cold.push(TEACHER, i) == step
+    assert cold.enc[STUDENT].ids == warm.enc[STUDENT].ids == bridge.student.encode(bridge.teacher.text_of(ids))
+
+
+@pytest.mark.parametrize("text", [" The copy and the original go their own ways", " 𝄞𝄞 ok"])
+def test_a_copy_is_independent(text, vocab):
+    """Copies share nothing mutable: a trial pushed on a copy leaves the original as it was (also inside a
+    character split across tokens), and the original pushed the same way ends where the copy did."""
+    bridge = make_bridge(vocab("qwen2"), vocab("llama-bpe"))
+    ids = bridge.teacher.encode(text)
+    pair = bridge.pair()
+    for i in ids[:-3]:
+        pair.push(TEACHER, i)
+    before = {side: enc.ids for side, enc in pair.enc.items()}
+    trial = pair.copy()
+    steps = [trial.push(TEACHER, i) for i in ids[-3:]]
+    assert {side: enc.ids for side, enc in pair.enc.items()} == before
+    assert [pair.push(TEACHER, i) for i in ids[-3:]] == steps
+    assert pair.enc[STUDENT].ids == trial.enc[STUDENT].ids == bridge.student.encode(bridge.teacher.text_of(ids))

@@ -1,17 +1,18 @@
 """One step's pushes for a whole batch: ``push_all(pairs, side, tokens) -> list[Step]``.
 
-Each :meth:`Pair.push <.pair.Pair.push>` is a generator of the tokenizer calls it needs
-(:class:`~.incremental.Encode`). Here every row's generator runs in lock-step: a round collects one
-request per row still working, answers them per tokenizer together (memoised windows first, then the
-misses in one ``encode_batch_fast`` call), and sends each row its ids. The pushes run exactly the code a
-single push runs, so the Steps are the same; only the tokenizer calls are grouped.
+Each :meth:`Pair.push <.pair.Pair.push>` starts with :meth:`~.pair.Pair.start`: the Step when no tokenizer
+call is needed (most pushes), else a generator of the calls it needs (:class:`~.incremental.Encode`).
+Here the rows' generators run in lock-step: a round collects one request per row still working, answers
+them per tokenizer together (memoised windows first, then the misses in one ``encode_batch_fast`` call),
+and sends each row its ids. The pushes run exactly the code a single push runs, so the Steps are the
+same; only the tokenizer calls are grouped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .incremental import Encode
+from .incremental import Encode, Steps
 from .pair import Pair, Step
 
 
@@ -22,14 +23,21 @@ def push_all(pairs: Sequence[Pair], side: str, tokens: Sequence[int]) -> list[St
     """
     if len(pairs) != len(tokens):
         raise ValueError(f"{len(pairs)} pairs for {len(tokens)} tokens")
+    bridge, size = None, 0
     for pair, token in zip(pairs, tokens):
-        pair.check(side, token)
-    gens = [pair.push_steps(side, token) for pair, token in zip(pairs, tokens)]
-    out: list[Step | None] = [None] * len(gens)
+        if pair.bridge is not bridge:
+            bridge, size = pair.bridge, pair.bridge.maps[side].src.size
+        if pair.held or not 0 <= token < size:  # only these rows can fail the check
+            pair.check(side, token)
+    out: list[Step | Steps] = [pair.start(side, token) for pair, token in zip(pairs, tokens)]  # Steps: not done
+    gens: dict[int, Steps] = {}
     waiting: list[tuple[int, Encode]] = []
-    for k, gen in enumerate(gens):
+    for k, started in enumerate(out):
+        if isinstance(started, Step):
+            continue
+        gens[k] = started
         try:
-            waiting.append((k, next(gen)))
+            waiting.append((k, next(started)))
         except StopIteration as stop:
             out[k] = stop.value
     while waiting:

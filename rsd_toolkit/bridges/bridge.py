@@ -15,6 +15,7 @@ simplest use. Pure tokenizer code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .incremental import Update
 from .pair import NO_TOKEN, STUDENT, TEACHER, Pair
@@ -86,6 +87,24 @@ class Direction:
     def data(self, token: int) -> bytes:
         """The bytes a token adds to the shared text."""
         return self.expansions.get(token, self.src.token_bytes[token])
+
+    @cached_property
+    def plain_text(self) -> list[str | None]:
+        """Per id, its text when that is complete UTF-8, not empty, and the id closes no segment: after
+        complete text such a token adds exactly this to both sides (``Pair.start``'s path without the
+        UTF-8 decoder); ``None`` for the rest."""
+        table = list(self.src.token_bytes)
+        for i, data in self.expansions.items():
+            table[i] = data
+        out: list[str | None] = []
+        for data in table:
+            try:
+                out.append(data.decode() or None)
+            except UnicodeDecodeError:
+                out.append(None)
+        for i in self.specials:
+            out[i] = None
+        return out
 
     def image(self, token: int) -> int:
         """The other side's 1:1 counterpart, or ``NO_TOKEN``."""

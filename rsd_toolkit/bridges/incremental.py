@@ -22,8 +22,9 @@ Special tokens that the bridge maps by role are hard segment boundaries: nothing
 from __future__ import annotations
 
 import unicodedata
+from array import array
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .vocab import Vocab
@@ -31,18 +32,15 @@ from .vocab import Vocab
 RUN_BYTES = 32  # no stable cut in this many bytes before the end: the text is in a long run
 CHECK_BYTES = 4  # a run cut is checked on at least this many bytes of tokens after it
 MAX_TRIES = 6  # cuts tried before re-encoding the whole segment
+_SPACES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII characters str.isspace() accepts
 
 
-@dataclass
+@dataclass(slots=True)
 class Update:
     """How the target side changes: drop the last ``rollback`` ids, then append ``append``."""
 
     rollback: int = 0
-    append: list[int] | None = None
-
-    def __post_init__(self):
-        if self.append is None:
-            self.append = []
+    append: list[int] = field(default_factory=list)
 
     def then(self, other: "Update") -> "Update":
         """The single update equivalent to applying ``self`` and then ``other``."""
@@ -67,6 +65,10 @@ class Encode(NamedTuple):
     def run(self) -> Sequence[int]:
         return self.vocab.encode(self.text) if self.whole else self.vocab.encode_window(self.text)
 
+    def cached(self) -> Sequence[int] | None:
+        """The answer when the window cache has it (the encoder then need not yield the request)."""
+        return None if self.whole else self.vocab._window_cache.get(self.text)
+
 
 Steps = Generator[Encode, Sequence[int], Any]
 
@@ -87,9 +89,9 @@ class IncrementalEncoder:
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._unicode_form = vocab.unicode_normalization  # e.g. "NFC": text is kept normalised
-        self.ids: list[int] = []
+        self._ids = array("q")  # ids of every segment (an array: copies are cheap)
         self._seg0 = 0  # index in ids where the current segment starts
-        self._ends: list[int] = []  # raw-byte end of each token of the current segment
+        self._ends = array("q")  # raw-byte end of each token of the current segment (an array: copies are cheap)
         self._text = bytearray()  # UTF-8 text of the current segment
         self._raw_len = 0  # sum of token byte lengths of the current segment
         # Latest stable cut (segment token index; 0: none within RUN_BYTES of where the tail last changed),
@@ -100,20 +102,25 @@ class IncrementalEncoder:
         new = IncrementalEncoder.__new__(IncrementalEncoder)
         new.vocab = self.vocab
         new._unicode_form = self._unicode_form
-        new.ids = list(self.ids)
+        new._ids = self._ids[:]
         new._seg0 = self._seg0
-        new._ends = list(self._ends)
+        new._ends = self._ends[:]
         new._text = bytearray(self._text)
         new._raw_len = self._raw_len
         new._last_stable = self._last_stable
         return new
 
+    @property
+    def ids(self) -> list[int]:
+        """This side's ids so far (a new list)."""
+        return self._ids.tolist()
+
     # -- appending ---------------------------------------------------------------------------------
     def push_special(self, token_id: int) -> Update:
         """Append a token that closes the current segment (a role-mapped special token)."""
-        self.ids.append(token_id)
-        self._seg0 = len(self.ids)
-        self._ends, self._text, self._raw_len, self._last_stable = [], bytearray(), 0, 0
+        self._ids.append(token_id)
+        self._seg0 = len(self._ids)
+        self._ends, self._text, self._raw_len, self._last_stable = array("q"), bytearray(), 0, 0
         return Update(0, [token_id])
 
     def push_text(self, text: str) -> Update:
@@ -121,8 +128,14 @@ class IncrementalEncoder:
         return drive(self.push_text_steps(text))
 
     def push_text_steps(self, text: str) -> Steps:
-        """:meth:`push_text` as a generator: yields each :class:`Encode` it needs, is sent its ids, returns
-        the Update. ``Pair.push`` drives it directly; ``push_all`` drives a whole batch's at once, so the
+        """:meth:`push_text` as a generator of the encodes it needs (see :meth:`start_text`)."""
+        started = self.start_text(text)
+        return started if isinstance(started, Update) else (yield from started)
+
+    def start_text(self, text: str) -> "Update | Steps":
+        """Append text: the Update itself when every window it needs is in the window cache (most pushes),
+        else a generator that yields each :class:`Encode` still needed, is sent its ids, and returns the
+        Update. ``Pair.push`` drives it directly; ``push_all`` drives a whole batch's at once, so the
         encodes of one step go to each tokenizer together (the same code either way, hence the same ids).
 
         The window is the smallest one the cuts allow: when the new text starts a stable cut (a space or
@@ -131,64 +144,104 @@ class IncrementalEncoder:
         """
         if not text:
             return Update()
-        buf, ends, ids, vocab = self._text, self._ends, self.ids, self.vocab
-        lead = self._raw_len - len(buf)  # dummy-prefix bytes the tokens carry before the text
+        buf, ends, ids, vocab = self._text, self._ends, self._ids, self.vocab
         old_len = len(buf)
-        junction = bool(ends) and text[0] in " \t" and vocab.cut_flags[1][ids[-1]] and self._word_before(old_len)
-        if self._unicode_form and not (text.isascii() and (not buf or buf[-1] < 0x80)):
+        lead = self._raw_len - old_len  # dummy-prefix bytes the tokens carry before the text
+        last = buf[-1] if buf else 0x20
+        junction = (
+            bool(ends) and text[0] in " \t" and vocab.cut_flags[1][ids[-1]]
+            and (last not in _SPACES if last < 0x80 else self._word_before(old_len))
+        )  # fmt: skip
+        if self._unicode_form and not (text.isascii() and last < 0x80) and not self._appends_as_is(text):
             self._append_normalized(text)
-            text = None  # the appended text may differ: read it back from the buffer
+            text = None  # the appended text differs: read it back from the buffer
         else:
             buf += text.encode()
-        if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
-            window = text if text is not None else bytes(buf[old_len:]).decode()
-            if vocab.strip_window and window[:1] == " ":
-                window = window[1:]  # the normaliser prepends the dummy space again
-            new_tail = vocab._window_cache.get(window)
-            if new_tail is None:
-                new_tail = yield Encode(vocab, window, False)
-            update = Update(0, list(new_tail))
-            self._extend(update.append)
-            return update
         c = self._last_stable
-        if c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
+        if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
+            start, window = len(ids), (text if text is not None else buf[old_len:].decode())
+        elif c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
             # the latest cut is stable: encode from it, no check
-            window = bytes(buf[ends[c - 1] - lead :]).decode()
-            if vocab.strip_window and window[:1] == " ":
-                window = window[1:]
-            new_tail = vocab._window_cache.get(window)
-            if new_tail is None:
-                new_tail = yield Encode(vocab, window, False)
-            return self._splice(self._seg0 + c, new_tail)
+            start, window = self._seg0 + c, buf[ends[c - 1] - lead :].decode()
+        else:
+            search = self._search(lead)
+            try:
+                request = next(search)
+            except StopIteration as found:
+                return self._splice(self._seg0 + found.value[0], found.value[1])
+            return self._resume(search, request)
+        if vocab.strip_window and window[:1] == " ":
+            window = window[1:]  # the normaliser prepends the dummy space again
+        new_tail = vocab._window_cache.get(window)
+        if new_tail is None:
+            return self._splice_when_sent(start, Encode(vocab, window, False))
+        return self._splice(start, new_tail)
+
+    def _splice_when_sent(self, start: int, request: Encode) -> Steps:
+        return self._splice(start, (yield request))
+
+    def _search(self, lead: int) -> Generator[Encode, Sequence[int], tuple[int, Sequence[int]]]:
+        """Where no stable cut is near: try cuts from the latest back, each window checked against the
+        tokens we had; returns the cut and its window's ids (yielding only windows the cache lacks)."""
+        ends, ids = self._ends, self._ids
         later, c, new_tail = None, 0, None
         for tries, cut in enumerate(self._cuts(lead)):  # latest first
             if later is None:
                 if cut and self._stable(cut) and self._word_before(ends[cut - 1] - lead):  # needs no check
-                    c, new_tail = cut, (yield self._encode_from(cut, lead))
-                    break
+                    request = self._encode_from(cut, lead)
+                    return cut, request.cached() or (yield request)
             else:
                 c = cut if tries <= MAX_TRIES else 0
-                new_tail = yield self._encode_from(c, lead)
+                request = self._encode_from(c, lead)
+                new_tail = request.cached() or (yield request)
                 checked = later - c  # the tokens between two cuts must re-encode to what we had
                 start = self._seg0 + c
-                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked]:
-                    break
+                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked].tolist():
+                    return c, new_tail
             later = cut
-        else:
-            c, new_tail = 0, (yield self._encode_from(0, lead))
-        return self._splice(self._seg0 + c, new_tail)
+        return 0, (yield self._encode_from(0, lead))
+
+    def _resume(self, search: Generator, request: Encode) -> Steps:
+        """The rest of a search that stopped at a window the cache lacks, then the splice."""
+        while True:
+            try:
+                request = search.send((yield request))
+            except StopIteration as found:
+                return self._splice(self._seg0 + found.value[0], found.value[1])
 
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
-        """Replace ids[start:] by ``new_tail``; the Update keeps their common prefix."""
-        ids = self.ids
+        """Replace ids[start:] by ``new_tail`` (token ends and the latest stable cut follow); the Update
+        keeps their common prefix."""
+        ids, ends, seg0 = self._ids, self._ends, self._seg0
         n_old = len(ids) - start
-        limit = min(n_old, len(new_tail))
         lcp = 0
-        while lcp < limit and ids[start + lcp] == new_tail[lcp]:
-            lcp += 1
-        update = Update(n_old - lcp, list(new_tail[lcp:]))
-        self._replace_tail(start + lcp, update.append)
-        return update
+        if n_old:
+            limit = min(n_old, len(new_tail))
+            while lcp < limit and ids[start + lcp] == new_tail[lcp]:
+                lcp += 1
+            start += lcp
+            if lcp < n_old:
+                del ids[start:]
+                del ends[start - seg0 :]
+        append = list(new_tail[lcp:]) if lcp else list(new_tail)
+        rel = start - seg0
+        starts, words = self.vocab.cut_flags
+        lens = self.vocab.token_lens
+        raw, prev, latest, k = (ends[-1] if ends else 0), (ids[start - 1] if rel else -1), 0, rel
+        for i in append:
+            raw += lens[i]
+            ends.append(raw)
+            if starts[i] and prev >= 0 and words[prev]:
+                latest = k
+            prev = i
+            k += 1
+        self._raw_len = raw
+        ids.extend(append)
+        if latest:
+            self._last_stable = latest
+        elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
+            self._last_stable = self._stable_before(rel)
+        return Update(n_old - lcp, append)
 
     # -- internals -----------------------------------------------------------------------------------
     def _append_normalized(self, text: str) -> None:
@@ -214,13 +267,26 @@ class IncrementalEncoder:
         del buf[start:]
         buf += unicodedata.normalize(self._unicode_form, tail + text).encode()
 
+    def _appends_as_is(self, text: str) -> bool:
+        """:meth:`_append_normalized` would append ``text`` unchanged: the last character is not a
+        combining mark (so it is the whole tail normalised again) and normalising it with ``text``
+        changes nothing."""
+        buf = self._text
+        start = len(buf) - 1
+        if start < 0:
+            return False
+        while start > 0 and (buf[start] & 0xC0) == 0x80:
+            start -= 1
+        last = buf[start:].decode(errors="ignore")
+        return bool(last) and not unicodedata.combining(last[0]) and unicodedata.is_normalized(self._unicode_form, last + text)
+
     def _cuts(self, lead: int):
         """Segment-relative token indices of cuts, latest first, then 0 (generated lazily).
 
         Stable cuts, and run cuts where stable cuts are ``RUN_BYTES`` or more apart (or the text has had
         none for that long): token boundaries at a character start, ``CHECK_BYTES`` or more apart.
         """
-        ends, ids, seg0 = self._ends, self.ids, self._seg0
+        ends, ids, seg0 = self._ends, self._ids, self._seg0
         starts_space, ends_word = self.vocab.cut_flags
         runs = self.vocab.continues_exactly
         anchor = ends[-1] if ends else 0  # start of the latest stable cut (or the end of the text)
@@ -242,7 +308,7 @@ class IncrementalEncoder:
         """Token i of the segment starts with a space or tab that follows a non-space."""
         starts, ends = self.vocab.cut_flags
         j = self._seg0 + i
-        return bool(starts[self.ids[j]] and ends[self.ids[j - 1]])
+        return bool(starts[self._ids[j]] and ends[self._ids[j - 1]])
 
     def _word_before(self, pos: int) -> bool:
         """The text's character ending at byte ``pos`` is not whitespace: a space or tab after it is a
@@ -253,7 +319,7 @@ class IncrementalEncoder:
             return False
         last = buf[pos - 1]
         if last < 0x80:
-            return last not in b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+            return last not in _SPACES
         ch = bytes(buf[max(0, pos - 4) : pos]).decode(errors="ignore")[-1:]
         return bool(ch) and not ch.isspace()
 
@@ -283,40 +349,12 @@ class IncrementalEncoder:
             window = window[1:]  # the normaliser prepends the dummy space again
         return Encode(self.vocab, window, False)
 
-    def _extend(self, new_ids: list[int]) -> None:
-        """``_replace_tail(len(ids), new_ids)``: nothing rolled back."""
-        ends, table = self._ends, self.vocab.token_bytes
-        starts, words = self.vocab.cut_flags
-        raw, prev = self._raw_len, (self.ids[-1] if len(self.ids) > self._seg0 else None)
-        rel = len(ends)
-        for k, i in enumerate(new_ids):
-            raw += len(table[i])
-            ends.append(raw)
-            if prev is not None and starts[i] and words[prev]:
-                self._last_stable = rel + k
-            prev = i
-        self._raw_len = raw
-        self.ids.extend(new_ids)
-
-    def _replace_tail(self, start: int, new_ids: list[int]) -> None:
-        del self.ids[start:]
-        rel = start - self._seg0
-        del self._ends[rel:]
-        if self._last_stable >= rel:  # it was rolled back: the latest one left within reach
-            ends, self._last_stable = self._ends, 0
-            for i in range(rel - 1, 0, -1):
-                if self._stable(i):
-                    self._last_stable = i
-                    break
-                if ends[-1] - ends[i - 1] >= RUN_BYTES:
-                    break
-        raw = self._ends[-1] if self._ends else 0
-        table = self.vocab.token_bytes
-        for i in new_ids:
-            raw += len(table[i])
-            self._ends.append(raw)
-        self._raw_len = raw
-        self.ids.extend(new_ids)
-        for i in range(max(rel, 1), len(self._ends)):
+    def _stable_before(self, rel: int) -> int:
+        """The latest stable cut before segment token ``rel`` within ``RUN_BYTES`` of it (0: none)."""
+        ends = self._ends
+        for i in range(rel - 1, 0, -1):
             if self._stable(i):
-                self._last_stable = i
+                return i
+            if ends[rel - 1] - ends[i - 1] >= RUN_BYTES:
+                return 0
+        return 0

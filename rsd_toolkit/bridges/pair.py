@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 TEACHER, STUDENT = "teacher", "student"
 OTHER = {TEACHER: STUDENT, STUDENT: TEACHER}
 NO_TOKEN = -1  # an id table's entry where the other side has no 1:1 counterpart
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     student: Update
     teacher: Update
@@ -53,7 +54,7 @@ class Pair:
     def __init__(self, bridge: "Bridge"):
         self.bridge = bridge
         self.enc = {TEACHER: IncrementalEncoder(bridge.teacher), STUDENT: IncrementalEncoder(bridge.student)}
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = _UTF8(errors="replace")  # holds bytes only while a side holds a character
         self._segment_start = True  # the next bytes open a segment (dummy-prefix strip applies)
         self.held: dict[str, list[int]] = {}  # holding side -> its raw ids of the unfinished character
         self._held_text = ""  # completed text the holding sides' encoders have not received yet
@@ -61,9 +62,10 @@ class Pair:
     def copy(self) -> "Pair":
         new = Pair.__new__(Pair)
         new.bridge = self.bridge
-        new.enc = {side: enc.copy() for side, enc in self.enc.items()}
-        new._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        new._utf8.setstate(self._utf8.getstate())
+        new.enc = {TEACHER: self.enc[TEACHER].copy(), STUDENT: self.enc[STUDENT].copy()}
+        new._utf8 = _UTF8(errors="replace")
+        if self.held:
+            new._utf8.setstate(self._utf8.getstate())
         new._segment_start = self._segment_start
         new.held = {side: list(ids) for side, ids in self.held.items()}
         new._held_text = self._held_text
@@ -83,7 +85,18 @@ class Pair:
     def push(self, side: str, token: int) -> Step:
         """Add one token sampled by ``side``; returns how both sides' ids change."""
         self.check(side, token)
-        return drive(self.push_steps(side, token))
+        step = self.start(side, token)
+        return step if isinstance(step, Step) else drive(step)
+
+    def start(self, side: str, token: int) -> "Step | Steps":
+        """:meth:`push` (after :meth:`check`): the Step itself when no tokenizer call is needed (complete
+        text after complete text, windows cached: most pushes), else a generator of the encodes it needs
+        that returns the Step (``push_all`` drives many together). Either way the same state changes."""
+        if not self.held and not self._segment_start:  # (identical pairs never leave the segment start)
+            text = self.bridge.maps[side].plain_text[token]
+            if text is not None:
+                return self._plain(side, text)
+        return self.push_steps(side, token)
 
     def push_steps(self, side: str, token: int) -> Steps:
         """:meth:`push` (after :meth:`check`) as a generator of the encodes it needs (see ``push_all``)."""
@@ -103,10 +116,24 @@ class Pair:
         text = self._utf8.decode(data)
         unfinished = bool(self._utf8.getstate()[0])
         if not self.held and not unfinished:
-            own = yield from self.enc[side].push_text_steps(text)
-            other = yield from self.enc[OTHER[side]].push_text_steps(text)
-            return _step(side, own, other)
+            step = self._plain(side, text)
+            return step if isinstance(step, Step) else (yield from step)
         return (yield from self._hold(side, token, d.image(token), text, unfinished))
+
+    def _plain(self, side: str, text: str) -> "Step | Steps":
+        """Complete text after complete text: both sides append it (each side's encodes, if any, in turn)."""
+        own = self.enc[side].start_text(text)
+        other = self.enc[OTHER[side]].start_text(text)
+        if isinstance(own, Update) and isinstance(other, Update):
+            return Step(student=own, teacher=other) if side == STUDENT else Step(student=other, teacher=own)
+        return self._finish(side, own, other)
+
+    def _finish(self, side: str, own: "Update | Steps", other: "Update | Steps") -> Steps:
+        if not isinstance(own, Update):
+            own = yield from own
+        if not isinstance(other, Update):
+            other = yield from other
+        return _step(side, own, other)
 
     # -- inside a character --------------------------------------------------------------------------
     def _hold(self, side: str, token: int, image: int, text: str, unfinished: bool) -> Steps:

@@ -238,6 +238,11 @@ class Vocab:
         ends = bytearray(bool(b) and b[-1] not in b" \t\n\r\x0b\x0c" for b in self.token_bytes)
         return starts, ends
 
+    @cached_property
+    def token_lens(self) -> list[int]:
+        """Per id, its byte length (the incremental encoder's token ends, without a call per token)."""
+        return [len(b) for b in self.token_bytes]
+
     def raw_bytes(self, ids) -> bytes:
         table = self.token_bytes
         return b"".join(table[i] for i in ids)
