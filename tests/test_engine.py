@@ -244,9 +244,7 @@ def test_cuda_graphs_give_the_same_traces_as_eager_on_cuda(student_asset):
 def test_a_catch_up_re_feeds_a_token_only_when_its_tokens_are_scored():
     """Bringing a model up to date after a rollback computes only the new tokens (no re-fed token padding
     the batch); scoring them re-feeds the token before, so every new token's predictor comes out too."""
-    from types import SimpleNamespace
-
-    from rsd_toolkit.bridges import TEACHER, Update
+    from rsd_toolkit.bridges import Update
     from rsd_toolkit.engine import BatchedContext
 
     lm = tiny_lm("asset:qwen2", "llama", seed=3)
@@ -255,8 +253,7 @@ def test_a_catch_up_re_feeds_a_token_only_when_its_tokens_are_scored():
         ctx = BatchedContext(lm.model, 2, static=False)
         ctx.extend([[1, 2, 3, 4], [5, 6, 7, 8]])
         ctx.positions = {"real": 0, "computed": 0}
-        rows = [SimpleNamespace(ids={TEACHER: [1, 2, 3, 9, 10]}), SimpleNamespace(ids={TEACHER: [5, 6, 7, 8]})]
-        preds = engine._extend(ctx, rows, TEACHER, {0: Update(1, [9, 10])}, score=score)
+        preds = engine._extend(ctx, lm, {0: Update(1, [9, 10])}, {0: 3}, score=score)  # 3: the token kept last
         assert ctx.positions["computed"] == (3 if score else 2)
         with torch.inference_mode():
             full = lm.model(input_ids=torch.tensor([[1, 2, 3, 9, 10]])).logits[0]
