@@ -10,6 +10,9 @@ We report:
 * the same for transformers' ``AssistedCandidateGeneratorDifferentTokenizers`` window method
   (decode a lookbehind window, re-encode, splice at the longest common diagonal), run on the same stream.
 
+``long_trace`` rows: one trace pushed to 16,000+ tokens; at 1,000, 4,000 and 16,000 tokens, the cost of
+``Pair.copy`` and of a push on a fresh copy (the engine's trial per step): neither may grow with the trace.
+
 ``hostile`` rows: texts with a 2,000+ character run (whitespace, code indentation, LaTeX alignment, CJK
 prose, minified code, base64, digits), after a warm-up run of the same kind (other random content).
 ``us_per_push_at_100`` / ``_at_2000``: mean cost of the pushes that land 100–300 / 2,000–2,200
@@ -209,6 +212,31 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
     return out
 
 
+LONG_MARKS = (1000, 4000, 16000)  # trace lengths (teacher tokens) at which the long-trace rows measure
+
+
+def run_long(bridge, ids: list[int], pushes: int = 300, copies: int = 2000) -> list[dict]:
+    """What the engine pays per step as a trace grows: ``Pair.copy`` alone, and a push on a fresh copy (its
+    trial), at each of ``LONG_MARKS`` tokens into one long trace. Neither may grow with the trace."""
+    warm_up(bridge, ids)
+    clear_caches(bridge)
+    pair, out = bridge.pair(), []
+    marks = [m for m in LONG_MARKS if m + pushes <= len(ids)]
+    for k, i in enumerate(ids[: marks[-1]] if marks else []):
+        pair.push(TEACHER, i)
+        if k + 1 in marks:
+            t0 = time.perf_counter()
+            for _ in range(copies):
+                pair.copy()
+            copy_us = 1e6 * (time.perf_counter() - t0) / copies
+            t0 = time.perf_counter()
+            for j in ids[k + 1 : k + 1 + pushes]:
+                pair.copy().push(TEACHER, j)
+            out.append({"tokens": k + 1, "us_per_copy": round(copy_us, 2),
+                        "us_per_copy_and_push": round(1e6 * (time.perf_counter() - t0) / pushes, 2)})  # fmt: skip
+    return out
+
+
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
             "platform": platform.platform(), "python": platform.python_version(),
@@ -247,6 +275,7 @@ def main() -> None:
     ap.add_argument("--baseline-chars", type=int, default=1500, help="corpus length for the slower HF baseline")
     ap.add_argument("--hostile-only", action="store_true", help="only the hostile-text rows")
     ap.add_argument("--batches", default="1,16,64", help="batch sizes of the push_all rows ('' for none)")
+    ap.add_argument("--long-chars", type=int, default=90000, help="text of the long-trace rows (characters; >= 16,300 tokens)")
     ap.add_argument("--batch-chars", type=int, default=3000, help="text per row in the batch rows (characters)")
     ap.add_argument("--hostile-batches", default=None, help="batch sizes (> 1) of the hostile push_all rows (default: --batches)")
     args = ap.parse_args()
@@ -287,6 +316,18 @@ def main() -> None:
             batch_rows.append(row)
             if not args.json:
                 print(row, file=sys.stderr)
+    long_rows = []
+    for a, b in [] if args.hostile_only else PAIRS:
+        bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+        ids = bridge.teacher.encode(corpus(args.long_chars, seed=3))
+        rows_at = run_long(bridge, ids)
+        if rows_at:
+            row = {"src": a, "dst": b, "kind": bridge.kind, "at": rows_at,
+                   "copy_last_over_first": round(rows_at[-1]["us_per_copy"] / rows_at[0]["us_per_copy"], 2),
+                   "copy_and_push_last_over_first": round(rows_at[-1]["us_per_copy_and_push"] / rows_at[0]["us_per_copy_and_push"], 2)}  # fmt: skip
+            long_rows.append(row)
+            if not args.json:
+                print(row, file=sys.stderr)
     hostile = []
     for a, b in HOSTILE_PAIRS:
         bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
@@ -319,6 +360,9 @@ def main() -> None:
         "pairs": rows,
         "hostile": hostile,
         "batch": batch_rows,
+        "long_trace": long_rows,
+        "max_long_copy_growth": max((r["copy_last_over_first"] for r in long_rows), default=None),
+        "max_long_copy_and_push_growth": max((r["copy_and_push_last_over_first"] for r in long_rows), default=None),
         "min_batch64_pushes_per_s": min(b64, default=None),
         "min_batch64_trial_pushes_per_s": min((r["trial_pushes_per_s"] for r in batch_rows if r["text"] == "corpus"
                                                and r["batch"] == 64 and r["kind"] != "identical"), default=None),

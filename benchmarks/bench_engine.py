@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rsd_toolkit.bridges import load_tokenizer  # noqa: E402
 from rsd_toolkit.config import RSDConfig  # noqa: E402
 from rsd_toolkit.engine import RSDEngine  # noqa: E402
+from rsd_toolkit.engine import engine as engine_module  # noqa: E402
 from rsd_toolkit.models import LM  # noqa: E402
 from students import distinct_4grams, first_layers_model  # noqa: E402
 
@@ -327,6 +328,14 @@ def run_real(args, report: dict) -> None:
                "a_bridged_limit_tok_s": a_c, "c_bridged_tok_s": c, "c_over_own_limit": c / a_c,
                "d_teacher_generate_tok_s": d, "d_teacher_generate_static_tok_s": d_static,
                "exact": b_info, "bridged": c_info}  # fmt: skip
+        if batch >= engine_module.DEFER_FROM_ROWS:  # what deferring multi-token catch-ups buys: the same run padded
+            defer, engine_module.DEFER_FROM_ROWS = engine_module.DEFER_FROM_ROWS, 10**9
+            try:
+                c_padded, c_padded_info = engine_rate(teacher, bridged_student, batch, n, args.device, prompts=prompts)
+            finally:
+                engine_module.DEFER_FROM_ROWS = defer
+            row.update(c_bridged_padded_tok_s=c_padded, c_padded_over_own_limit=c_padded / a_c,
+                       bridged_padded={k: c_padded_info.get(k) for k in ("teacher_computed_over_real", "student_computed_over_real", "acceptance")})  # fmt: skip
         report["rows"].append(row)
         print(f"batch {batch}: exact {b:.1f} tok/s = {b / a:.2f} of its limit {a:.1f}; bridged {c:.1f} = {c / a_c:.2f} "
               f"of its limit {a_c:.1f}; acceptance exact {b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}; "
@@ -351,6 +360,8 @@ def run_real(args, report: dict) -> None:
         if r["batch"] == 16:
             targets["exact_over_limit_at_16>=0.90"] = r["b_over_a"] >= 0.90
             targets["bridged_over_own_limit_at_16>=0.80"] = r["c_over_own_limit"] >= 0.80
+            targets["bridged_over_own_limit_at_16>=0.95"] = r["c_over_own_limit"] >= 0.95  # issue 21
+            targets["bridge_share_of_bridged_run_at_16<=0.10"] = r["bridged"]["bridge_share"] <= 0.10  # issue 21
             for side, pair in (("student", "exact"), ("student", "bridged"), ("teacher", "bridged")):
                 value = r[pair].get(f"{side}_computed_over_real")
                 if value is not None:

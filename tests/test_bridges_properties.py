@@ -5,7 +5,8 @@ ids, partial UTF-8 pieces and byte-fallback ids, and special tokens. After every
 must equal that side's canonical encoding of the committed shared text, segment by segment (a holding
 side: of the text before the unfinished character, then its raw ids), and the returned Updates must
 replay to exactly those ids. The expected ids are computed from scratch (``expected``), not incrementally.
-The same fuzz runs on ``push_all``, the engine's batched path (``path="batched"``).
+The same fuzz runs on ``push_all``, the engine's batched path (``path="batched"``), and with segments sealed
+every few tokens (``path="sealed"``; a real trace seals every ~768 tokens).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rsd_toolkit.bridges import NO_TOKEN, STUDENT, TEACHER, classify, load_vocab, make_bridge, push_all
+from rsd_toolkit.bridges import NO_TOKEN, STUDENT, TEACHER, classify, incremental, load_vocab, make_bridge, push_all
 
 # Pieces that stress tokenizers: LaTeX, code, CJK, emoji (multi-byte, ZWJ, skin tone), combining marks,
 # whitespace runs, digits, punctuation followed by newlines; and long runs without a space.
@@ -35,6 +36,7 @@ texts = st.lists(st.sampled_from(ATOMS), min_size=2, max_size=30).map("".join)
 moves = st.lists(
     st.tuples(st.sampled_from((TEACHER, STUDENT)), st.sampled_from(SOURCES), st.integers(0, 2**31)), min_size=8, max_size=60
 )
+text_moves = st.lists(st.tuples(st.sampled_from((TEACHER, STUDENT)), st.just("text"), st.integers(0, 2**31)), min_size=8, max_size=60)
 
 
 def pools(vocab) -> dict[str, list[int]]:
@@ -97,7 +99,8 @@ def push_in_batch(pair, history: list, side: str, token: int):
     return steps[0]
 
 
-def run_moves(bridge, pool, text: str, plan, path: str = "single") -> None:
+def run_moves(bridge, pool, text: str, plan, path: str = "single", text_only: bool = False) -> None:
+    """Push ``plan`` (``text_only``: real encodings only, stopping when a side's runs out)."""
     vocabs = {TEACHER: bridge.teacher, STUDENT: bridge.student}
     streams = {s: vocabs[s].encode(text) for s in vocabs}
     cursor = {TEACHER: 0, STUDENT: 0}
@@ -107,6 +110,8 @@ def run_moves(bridge, pool, text: str, plan, path: str = "single") -> None:
             with pytest.raises(RuntimeError):
                 pair.copy().push(side, 0)
             side = STUDENT if side == TEACHER else TEACHER
+        if text_only and cursor[side] >= len(streams[side]):
+            break
         if source == "text" and cursor[side] < len(streams[side]):
             token = streams[side][cursor[side]]
             cursor[side] += 1
@@ -131,9 +136,13 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("path", ["single", "batched"])
+@pytest.mark.parametrize("path", ["single", "batched", "sealed"])
 @pytest.mark.parametrize("a,b,kind", PAIRS, ids=[f"{a}<->{b}" for a, b, _ in PAIRS])
-def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, path, vocab, qwen2_think_dir):
+def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, path, vocab, qwen2_think_dir, monkeypatch):
+    """``sealed``: single pushes with segments sealed every few tokens (at most two kept after a seal)."""
+    if path == "sealed":
+        monkeypatch.setattr(incremental, "SEAL_AT", 4)
+        monkeypatch.setattr(incremental, "SEAL_KEEP", 1)
     named = lambda n: load_vocab(str(qwen2_think_dir)) if n == "qwen2+think" else vocab(n)  # noqa: E731
     teacher, student = named(a), named(b)
     assert classify(teacher, student) == kind and classify(student, teacher) == kind
@@ -143,7 +152,29 @@ def test_interleaved_pushes_keep_both_sides_canonical(a, b, kind, path, vocab, q
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(text=texts, plan=moves)
     def prop(text, plan):
-        run_moves(bridge, pool, text, plan, path)
+        run_moves(bridge, pool, text, plan, "batched" if path == "batched" else "single")
+
+    prop()
+
+
+@pytest.mark.parametrize("path", ["single", "sealed"])
+def test_sealed_segment_on_a_vocabulary_whose_start_differs(path, vocab, monkeypatch):
+    """Phi-3's SentencePiece encodes a text that starts with a space differently at a segment's start (a
+    dummy-prefix token) than inside it: a sealed segment must go on as the inside. Real encodings only
+    (phi-3's legacy mode prepends a space after an added token's text such as a raw ``<unk>``, which the
+    incremental encoder does not model: a known gap, outside what this test is about)."""
+    teacher, student = vocab("phi-3"), vocab("llama-bpe")
+    assert teacher.encode(" x") != list(teacher.encode_window(" x"))
+    if path == "sealed":
+        monkeypatch.setattr(incremental, "SEAL_AT", 4)
+        monkeypatch.setattr(incremental, "SEAL_KEEP", 1)
+    bridge = make_bridge(teacher, student)
+    pool = {TEACHER: pools(teacher), STUDENT: pools(student)}
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=texts, plan=text_moves)
+    def prop(text, plan):
+        run_moves(bridge, pool, text, plan, text_only=True)
 
     prop()
 

@@ -219,6 +219,30 @@ def test_static_step_gives_the_same_traces_as_the_general_step(student_asset):
     assert runs[True] == runs[False]
 
 
+@pytest.mark.parametrize("mode", ["rsd", "teacher"])  # (mode student runs the student alone: its catch-ups are one token)
+def test_a_row_catching_up_one_token_per_step_changes_no_trace(monkeypatch, mode):
+    """In a wide batch a multi-token catch-up is fed one token per step while the row sits the steps out:
+    the same tokens, sources and p_s as feeding it in one padded block, with fewer padded cells."""
+    from rsd_toolkit.engine import engine as engine_module
+
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:llama-bpe", "llama", hidden=64, seed=2))
+    cfg = RSDConfig(max_new_tokens=40, pth=0.01, mode=mode)
+    key = lambda t: (t.ids, [r.source for r in t.records], [None if r.p_s is None else round(r.p_s, 4) for r in t.records])  # noqa: E731
+    runs = {}
+    for defer_from in (1, 10**9):
+        monkeypatch.setattr(engine_module, "DEFER_FROM_ROWS", defer_from)
+        out = RSDEngine(teacher, student, cfg).generate(PROMPTS * 2, batch_size=4)
+        runs[defer_from] = ([key(t) for t in out], out.stats)
+    (deferred, on), (padded, off) = runs[1], runs[10**9]
+    assert deferred == padded
+    assert on["catch_up_deferred"] > 0 and not off["catch_up_deferred"]
+    for side in ("teacher", "student"):
+        assert on[f"{side}_real_positions"] == off[f"{side}_real_positions"]
+    waste = lambda s: sum(s[f"{side}_computed_positions"] - s[f"{side}_real_positions"] for side in ("teacher", "student"))  # noqa: E731
+    assert waste(on) < waste(off)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("student_asset", ["asset:qwen2", "asset:llama-bpe"])
 def test_cuda_graphs_give_the_same_traces_as_eager_on_cuda(student_asset):

@@ -171,15 +171,30 @@ def _from_q(real_verify, q, q_teacher, g, drafts, u):
 
 
 # -- speculative traces against step traces ----------------------------------------------------------
-def test_acceptance_and_sub_pth_are_distributed_as_step_rsd(pair):
-    teacher, student = pair
+SPREAD = dict(pth=0.1, temperature=1.0, top_p=1.0)  # acceptance well inside (0, 1) and sub-pth tokens in most traces
+
+
+def step_and_speculative_stats(teacher: LM, student: LM) -> list[tuple[list, list]]:
+    """(step, speculative) per-trace acceptance rates, then sub-pth counts, over 200 seeds each."""
     traces = {}
     for K in (0, 4):
-        cfg = RSDConfig(max_new_tokens=16, draft_tokens=K, pth=0.05)
+        cfg = RSDConfig(max_new_tokens=16, draft_tokens=K, **SPREAD)
         traces[K] = RSDEngine(teacher, student, cfg).generate(["q"] * 200, seeds=list(range(K * 1000, K * 1000 + 200)), batch_size=200)
-    for stat in (lambda t: t.acceptance_rate, lambda t: t.sub_pth):
-        step, spec = [stat(t) for t in traces[0]], [stat(t) for t in traces[4]]
+    return [([stat(t) for t in traces[0]], [stat(t) for t in traces[4]]) for stat in (lambda t: t.acceptance_rate, lambda t: t.sub_pth)]
+
+
+def test_acceptance_and_sub_pth_are_distributed_as_step_rsd(pair):
+    for step, spec in step_and_speculative_stats(*pair):
+        assert sum(step) > 0 and sum(spec) > 0  # neither statistic is degenerate here
         assert mannwhitneyu(step, spec).pvalue > 1e-3
+
+
+def test_a_wrong_residual_shifts_acceptance_and_sub_pth(pair, monkeypatch):
+    """The test above has the power to see the wrong residual too (each statistic on its own)."""
+    real_verify = speculative.verify
+    monkeypatch.setattr(speculative, "verify", lambda *a: _from_q(real_verify, *a))
+    for step, spec in step_and_speculative_stats(*pair):
+        assert mannwhitneyu(step, spec).pvalue < 1e-3
 
 
 def test_greedy_speculation_equals_greedy_steps():

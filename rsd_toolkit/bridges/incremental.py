@@ -17,6 +17,11 @@ leave them intact while re-routing the merges before them, which none of the sui
 (property tests and the bridge benchmark compare with a full re-encode after every push).
 
 Special tokens that the bridge maps by role are hard segment boundaries: nothing re-encodes across them.
+
+A long segment is *sealed* at a stable cut ``SEAL_KEEP`` tokens back once it holds ``SEAL_AT`` tokens: the
+ids before the cut move to an immutable chunk that copies share, and the segment goes on from the cut (a
+window from it needs no check, so it serves as the segment's start). A trial copy per push (what the
+engine makes) then costs the same at 100k tokens as at 1k.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from .vocab import Vocab
 RUN_BYTES = 32  # no stable cut in this many bytes before the end: the text is in a long run
 CHECK_BYTES = 4  # a run cut is checked on at least this many bytes of tokens after it
 MAX_TRIES = 6  # cuts tried before re-encoding the whole segment
+SEAL_AT = 1024  # segment tokens from which its settled start is sealed (copies then stop growing)
+SEAL_KEEP = 256  # tokens a seal leaves in the segment; the cut is sought this far back again at most
 _SPACES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII characters str.isspace() accepts
 
 
@@ -89,7 +96,8 @@ class IncrementalEncoder:
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._unicode_form = vocab.unicode_normalization  # e.g. "NFC": text is kept normalised
-        self._ids = array("q")  # ids of every segment (an array: copies are cheap)
+        self._sealed: tuple[array, ...] = ()  # ids before the last seal, in chunks shared by every copy
+        self._ids = array("q")  # ids of every segment since then (an array: copies are cheap)
         self._seg0 = 0  # index in ids where the current segment starts
         self._ends = array("q")  # raw-byte end of each token of the current segment (an array: copies are cheap)
         self._text = bytearray()  # UTF-8 text of the current segment
@@ -97,23 +105,32 @@ class IncrementalEncoder:
         # Latest stable cut (segment token index; 0: none within RUN_BYTES of where the tail last changed),
         # kept up to date on every change so that spotting a long run costs O(1), not a scan.
         self._last_stable = 0
+        self._mid = False  # the segment starts at a seal (a stable cut), not after a special or at the start
+        self._next_seal = SEAL_AT  # segment length at which to try the next seal
 
     def copy(self) -> "IncrementalEncoder":
         new = IncrementalEncoder.__new__(IncrementalEncoder)
         new.vocab = self.vocab
         new._unicode_form = self._unicode_form
+        new._sealed = self._sealed
         new._ids = self._ids[:]
         new._seg0 = self._seg0
         new._ends = self._ends[:]
         new._text = bytearray(self._text)
         new._raw_len = self._raw_len
         new._last_stable = self._last_stable
+        new._mid = self._mid
+        new._next_seal = self._next_seal
         return new
 
     @property
     def ids(self) -> list[int]:
         """This side's ids so far (a new list)."""
-        return self._ids.tolist()
+        out: list[int] = []
+        for chunk in self._sealed:
+            out.extend(chunk)
+        out.extend(self._ids)
+        return out
 
     # -- appending ---------------------------------------------------------------------------------
     def push_special(self, token_id: int) -> Update:
@@ -121,6 +138,7 @@ class IncrementalEncoder:
         self._ids.append(token_id)
         self._seg0 = len(self._ids)
         self._ends, self._text, self._raw_len, self._last_stable = array("q"), bytearray(), 0, 0
+        self._mid, self._next_seal = False, SEAL_AT
         return Update(0, [token_id])
 
     def push_text(self, text: str) -> Update:
@@ -241,7 +259,33 @@ class IncrementalEncoder:
             self._last_stable = latest
         elif self._last_stable >= rel:  # it was rolled back: the latest one left within reach
             self._last_stable = self._stable_before(rel)
+        if len(ends) >= self._next_seal:
+            self._seal()
         return Update(n_old - lcp, append)
+
+    def _seal(self) -> None:
+        """Move the segment's start to a stable cut ``SEAL_KEEP`` or more tokens back (the latest such cut
+        within another ``SEAL_KEEP``); the ids before it go to a shared chunk. Tokens before a stable cut
+        never change and a window from it is exact without a check, which is all a segment start gives."""
+        ends, lead = self._ends, self._raw_len - len(self._text)
+        n = len(ends)
+        self._next_seal = n + SEAL_KEEP  # found or not, the next try comes later
+        for c in range(n - SEAL_KEEP, max(0, n - 2 * SEAL_KEEP), -1):
+            if self._stable(c) and self._word_before(ends[c - 1] - lead):
+                break
+        else:
+            return  # a long run without a stable cut: copies grow until one comes
+        cut = ends[c - 1]
+        split = self._seg0 + c
+        self._sealed += (self._ids[:split],)
+        del self._ids[:split]
+        self._seg0 = 0
+        self._ends = array("q", [e - cut for e in ends[c:]])
+        del self._text[: cut - lead]  # the text's bytes now line up with the tokens' (no dummy prefix)
+        self._raw_len -= cut
+        self._last_stable = self._last_stable - c if self._last_stable > c else 0
+        self._mid = True
+        self._next_seal = len(self._ends) + SEAL_AT - SEAL_KEEP
 
     # -- internals -----------------------------------------------------------------------------------
     def _append_normalized(self, text: str) -> None:
@@ -342,9 +386,9 @@ class IncrementalEncoder:
 
     def _encode_from(self, c: int, lead: int) -> "Encode":
         """The encode giving the segment's canonical ids from token index ``c`` on (``c`` is a cut or 0)."""
-        if c == 0:
+        if c == 0 and not self._mid:
             return Encode(self.vocab, bytes(self._text).decode(), True)
-        window = bytes(self._text[self._ends[c - 1] - lead :]).decode()
+        window = bytes(self._text[self._ends[c - 1] - lead if c else 0 :]).decode()
         if self.vocab.strip_leading_space and window.startswith(" ") and not self.vocab.continues_exactly:
             window = window[1:]  # the normaliser prepends the dummy space again
         return Encode(self.vocab, window, False)
