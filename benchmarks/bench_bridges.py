@@ -43,6 +43,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' Rust thread pool:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -179,18 +180,31 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
     saved = vocab_module.BATCH_MIN
     vocab_module.BATCH_MIN = 1 << 30 if per_row else saved
     misses = [len(bridge.teacher._window_cache) + len(bridge.student._window_cache)]
-    try:
-        pairs = [bridge.pair() for _ in streams]
-        n = max(map(len, streams))
-        steps = [[(r, s[k]) for r, s in enumerate(streams) if k < len(s)] for k in range(n)]
-        t0, c0 = time.perf_counter(), time.process_time()
+    pairs = [bridge.pair() for _ in streams]
+    n = max(map(len, streams))
+    steps = [[(r, s[k]) for r, s in enumerate(streams) if k < len(s)] for k in range(n)]
+
+    def run():
         for step in steps:
             rows = [pairs[r].copy() for r, _ in step] if trial else [pairs[r] for r, _ in step]
             push_all(rows, TEACHER, [t for _, t in step])
             if trial:
                 for (r, _), pair in zip(step, rows):
                     pairs[r] = pair
+
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if not (per_row or trial):  # the same steps again, timing the tokenizer calls alone (the calls are the same)
+            clear_caches(bridge)
+            for stream in warm or []:
+                pair = bridge.pair()
+                for i in stream:
+                    pair.push(TEACHER, i)
+            pairs = [bridge.pair() for _ in streams]
+            with tokenizer_clock() as spent:
+                run()
     finally:
         vocab_module.BATCH_MIN = saved
     misses.append(len(bridge.teacher._window_cache) + len(bridge.student._window_cache))
@@ -200,6 +214,7 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
            "cache_misses_per_push": round((misses[1] - misses[0]) / pushes, 4)}  # fmt: skip
     if per_row or trial:
         return out
+    out["us_tokenizer_per_push"] = round(1e6 * spent[0] / pushes, 2)
     pairs, mirrors, bad, checked = [bridge.pair() for _ in streams], [[] for _ in streams], 0, 0
     for k, step in enumerate(steps):
         got = push_all([pairs[r] for r, _ in step], TEACHER, [t for _, t in step])
@@ -235,6 +250,35 @@ def run_long(bridge, ids: list[int], pushes: int = 300, copies: int = 2000) -> l
             out.append({"tokens": k + 1, "us_per_copy": round(copy_us, 2),
                         "us_per_copy_and_push": round(1e6 * (time.perf_counter() - t0) / pushes, 2)})  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def tokenizer_clock():
+    """Seconds spent inside the tokenizer calls the bridge makes (``Vocab`` encode methods), as ``[seconds]``."""
+    spent = [0.0]
+    names = ("encode", "encode_window", "encode_windows", "encode_many")
+    originals = {name: getattr(vocab_module.Vocab, name) for name in names}
+    depth = [0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:  # encode_windows calls encode_window: count the outer call only
+                    spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(vocab_module.Vocab, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(vocab_module.Vocab, name, fn)
 
 
 def machine() -> dict:
