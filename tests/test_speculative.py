@@ -189,12 +189,12 @@ def test_acceptance_and_sub_pth_are_distributed_as_step_rsd(pair):
         assert mannwhitneyu(step, spec).pvalue > 1e-3
 
 
-def test_a_wrong_residual_shifts_acceptance_and_sub_pth(pair, monkeypatch):
-    """The test above has the power to see the wrong residual too (each statistic on its own)."""
+def test_a_wrong_residual_fails_the_comparison_with_step_rsd(pair, monkeypatch):
+    """The test above has the power to see the wrong residual too: it fails on it (the acceptance rate
+    carries it; the sub-pth count alone moved from p 0.04 to 1e-6 between runs of the suite)."""
     real_verify = speculative.verify
     monkeypatch.setattr(speculative, "verify", lambda *a: _from_q(real_verify, *a))
-    for step, spec in step_and_speculative_stats(*pair):
-        assert mannwhitneyu(step, spec).pvalue < 1e-3
+    assert min(mannwhitneyu(step, spec).pvalue for step, spec in step_and_speculative_stats(*pair)) < 1e-3
 
 
 def test_greedy_speculation_equals_greedy_steps():
