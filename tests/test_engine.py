@@ -467,3 +467,20 @@ def test_strict_last_resort_when_no_choice_passes():
     assert t.text == "1" * len(t.text) and t.ids == s_base.vocab.encode(t.text)
     assert out.stats["strict_last_resort"] > 0 and t.sub_pth > 0  # documented: the best tried choice enters
     assert [r.p_s for r in t.records if r.p_s < 0.01] and all(r.source == "student" for r in t.records)
+
+
+def test_a_span_whose_first_token_fails_is_rejected_without_its_probe(monkeypatch):
+    """A proposal whose student span fails on its first token (read off the current logits) is rejected
+    before the probe forward: the same traces, sources and p_s as probing it, with fewer probes. (A
+    SentencePiece student: a byte-level teacher's " word" is often its "▁" then "word".)"""
+    teacher = boosted(tiny_lm("asset:llama-bpe", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:mistral-v1", "llama", hidden=64, seed=2))
+    cfg = RSDConfig(max_new_tokens=60, pth=0.01)
+    key = lambda t: (t.ids, [r.source for r in t.records], [round(r.p_s, 5) for r in t.records])  # noqa: E731
+    skipping = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
+    monkeypatch.setattr(RSDEngine, "_first_token_passes", lambda self, s_logits, cands: cands)
+    probing = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
+    assert [key(t) for t in skipping] == [key(t) for t in probing]
+    assert skipping.stats["probe_skipped"] > 0
+    assert skipping.stats["probed"] + skipping.stats["probe_skipped"] == probing.stats["probed"]
+    assert skipping.stats["probe_accepted"] == probing.stats["probe_accepted"] > 0

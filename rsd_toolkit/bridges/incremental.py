@@ -17,6 +17,10 @@ leave them intact while re-routing the merges before them, which none of the sui
 (property tests and the bridge benchmark compare with a full re-encode after every push).
 
 Special tokens that the bridge maps by role are hard segment boundaries: nothing re-encodes across them.
+An added token matched *in the text* (a literal ``<s>``) is read by windows like any token, except where
+the tokenizer starts afresh after it (``Vocab.restart_contents``: legacy SentencePiece ``tokenizer.json``
+such as Phi-3's or Llama-2's puts a dummy ``▁`` there): from then on the segment is re-encoded from its
+start on every push (exact, O(segment) per push, until the next special token; such text is rare).
 
 A long segment is *sealed* at a stable cut ``SEAL_KEEP`` tokens back once it holds ``SEAL_AT`` tokens: the
 ids before the cut move to an immutable chunk that copies share, and the segment goes on from the cut (a
@@ -107,6 +111,7 @@ class IncrementalEncoder:
         self._last_stable = 0
         self._mid = False  # the segment starts at a seal (a stable cut), not after a special or at the start
         self._next_seal = SEAL_AT  # segment length at which to try the next seal
+        self._whole = False  # the segment's text holds a restarting added token: re-encode it from its start
 
     def copy(self) -> "IncrementalEncoder":
         new = IncrementalEncoder.__new__(IncrementalEncoder)
@@ -121,6 +126,7 @@ class IncrementalEncoder:
         new._last_stable = self._last_stable
         new._mid = self._mid
         new._next_seal = self._next_seal
+        new._whole = self._whole
         return new
 
     @property
@@ -138,7 +144,7 @@ class IncrementalEncoder:
         self._ids.append(token_id)
         self._seg0 = len(self._ids)
         self._ends, self._text, self._raw_len, self._last_stable = array("q"), bytearray(), 0, 0
-        self._mid, self._next_seal = False, SEAL_AT
+        self._mid, self._next_seal, self._whole = False, SEAL_AT, False
         return Update(0, [token_id])
 
     def push_text(self, text: str) -> Update:
@@ -175,6 +181,11 @@ class IncrementalEncoder:
             text = None  # the appended text differs: read it back from the buffer
         else:
             buf += text.encode()
+        if self._whole or (vocab.restart_marks and self._completes_restart(old_len)):
+            self._whole = True  # a rare text (a literal "<s>" for a legacy tokenizer): exact, O(segment) per push
+            request = self._encode_from(0, lead)
+            new_tail = request.cached()
+            return self._splice_when_sent(self._seg0, request) if new_tail is None else self._splice(self._seg0, new_tail)
         c = self._last_stable
         if junction:  # a stable cut at the old end: the old ids stay, the new text is encoded alone
             start, window = len(ids), (text if text is not None else buf[old_len:].decode())
@@ -269,6 +280,8 @@ class IncrementalEncoder:
         never change and a window from it is exact without a check, which is all a segment start gives."""
         ends, lead = self._ends, self._raw_len - len(self._text)
         n = len(ends)
+        if self._whole:  # token ends need not line up with the text after a restarting token: no cut
+            return
         self._next_seal = n + SEAL_KEEP  # found or not, the next try comes later
         for c in range(n - SEAL_KEEP, max(0, n - 2 * SEAL_KEEP), -1):
             if self._stable(c) and self._word_before(ends[c - 1] - lead):
@@ -310,6 +323,16 @@ class IncrementalEncoder:
         tail = bytes(buf[start:]).decode()
         del buf[start:]
         buf += unicodedata.normalize(self._unicode_form, tail + text).encode()
+
+    def _completes_restart(self, old_len: int) -> bool:
+        """The text appended after byte ``old_len`` completes a restarting added token (``Vocab.restart_contents``,
+        e.g. a literal ``<s>`` for Phi-3): windows cannot read across it, so the segment is encoded whole."""
+        buf, vocab = self._text, self.vocab
+        if vocab.restart_marks.isdisjoint(bytes(buf[old_len:]).decode(errors="ignore")):
+            return False
+        longest = max(map(len, vocab.restart_contents))
+        tail = bytes(buf[max(0, old_len - longest - 8) :])  # (a normalised tail may start a little before old_len)
+        return any(c in tail for c in vocab.restart_contents)
 
     def _appends_as_is(self, text: str) -> bool:
         """:meth:`_append_normalized` would append ``text`` unchanged: the last character is not a

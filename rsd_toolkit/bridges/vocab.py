@@ -180,8 +180,18 @@ class Vocab:
         if hit is None:
             if len(self._window_cache) >= WINDOW_CACHE_SIZE:
                 self._window_cache.clear()
-            hit = self._window_cache[text] = tuple(self._continuation.encode(text, add_special_tokens=False).ids)
+            hit = self._window_cache[text] = self._encode_window_uncached(text)
         return hit
+
+    def _encode_window_uncached(self, text: str) -> tuple[int, ...]:
+        """The continuation encoding, exact also across a restarting added token (:attr:`restart_ids`): the
+        text from it on is encoded as the tokenizer encodes a split after an added token (dummy prefix)."""
+        enc = self._continuation.encode(text, add_special_tokens=False)
+        if self.restart_ids:
+            for j, i in enumerate(enc.ids):
+                if i in self.restart_ids:
+                    return (*enc.ids[:j], *self.encode(text[enc.offsets[j][0] :]))
+        return tuple(enc.ids)
 
     def encode_windows(self, texts: list[str]) -> list[tuple[int, ...]]:
         """:meth:`encode_window` of many windows: the cache first, the misses in one tokenizer call.
@@ -192,7 +202,7 @@ class Vocab:
         cache = self._window_cache
         out = [cache.get(t) for t in texts]
         miss = [k for k, hit in enumerate(out) if hit is None]
-        if len(miss) >= BATCH_MIN:
+        if len(miss) >= BATCH_MIN and not self.restart_ids:
             if len(cache) + len(miss) >= WINDOW_CACHE_SIZE:
                 cache.clear()
             encoded = self._continuation.encode_batch_fast([texts[k] for k in miss], add_special_tokens=False)
@@ -224,6 +234,34 @@ class Vocab:
         encoding adds no dummy prefix (checked on probes)."""
         return all(self.raw_bytes(self._continuation.encode(p, add_special_tokens=False).ids) == p.encode()
                    for p in ("x", "机器", "12"))  # fmt: skip
+
+    @cached_property
+    def restart_contents(self) -> tuple[bytes, ...]:
+        """UTF-8 contents of the added tokens that a window cannot read across: where their text occurs,
+        what follows is encoded as a new start (legacy SentencePiece ``tokenizer.json``, e.g. Phi-3 or
+        Llama-2: a dummy ``▁`` after a text-matched ``<s>`` or ``<unk>``), or spaces around them are
+        absorbed (lstrip/rstrip). Probed per added token: ``encode(a + c + b)`` against the windows'
+        concatenation. Empty for most vocabularies (then nothing changes for them)."""
+        window = lambda t: self._continuation.encode(t, add_special_tokens=False).ids  # noqa: E731
+        found = []
+        for content in self.added.values():
+            # a whitespace token (a code tokenizer's run of spaces) merges with spaces around it as any run
+            # does, which windows handle: it is probed between letters only
+            around = (("a", "b"),) if content.isspace() else (("a", "b"), ("a ", " b"))
+            if content and any(self.encode(a + content + b) != self.encode(a) + window(content) + window(b) for a, b in around):
+                found.append(content.encode())
+        return tuple(found)
+
+    @cached_property
+    def restart_ids(self) -> frozenset[int]:
+        """The ids of :attr:`restart_contents` (what a window encoding yields where one matched)."""
+        contents = set(self.restart_contents)
+        return frozenset(i for i, c in self.added.items() if c.encode() in contents)
+
+    @cached_property
+    def restart_marks(self) -> frozenset[str]:
+        """Last characters of :attr:`restart_contents`: text without any of them completes none."""
+        return frozenset(c.decode()[-1] for c in self.restart_contents)
 
     @cached_property
     def strip_window(self) -> bool:

@@ -8,7 +8,8 @@ the teacher's context as text.
 
 Each step is one teacher forward and one student forward over the whole batch (``BatchedContext``
 applies every row's pending tokens at once); spans longer than one token are scored in one more
-batched student forward (a *probe*) whose cache entries are kept for the spans that enter the trace.
+batched student forward (a *probe*) whose cache entries are kept for the spans that enter the trace; a
+span appended to the context whose first token already fails is rejected without one.
 Modes ``teacher`` and ``student`` run the same loop with the decision fixed.
 """
 
@@ -190,6 +191,7 @@ class RSDEngine:
         """One token decision for every row whose models are caught up: catch up, decide (the mode's
         policy), commit. A row still catching up sits the step out and draws no randomness."""
         ready = self._catch_up(rows, ctx)
+        self.events["row_steps"] += len(ready)  # decisions made (a bridged row's may add 0, 1 or more tokens)
         draws = set(ready)
         u = torch.stack([torch.rand(self.uniforms, generator=r.rng) if b in draws else torch.zeros(self.uniforms)
                          for b, r in enumerate(rows)])  # [B, uniforms]  # fmt: skip
@@ -353,7 +355,7 @@ class RSDEngine:
             trials = self._trials(rows, TEACHER, {b: cands[b][j] for b in open_rows})
             judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
             self.events["proposal_mid_character"] += len(trials) - len(judged)
-            decided.update(self._score(rows, s_ctx, s_logits, judged, judge=True))
+            decided.update(self._score(rows, s_ctx, s_logits, self._first_token_passes(s_logits, judged), judge=True))
             open_rows = [b for b in open_rows if b not in decided]
             if not open_rows:
                 break
@@ -362,6 +364,20 @@ class RSDEngine:
         rest = [b for b in ready if b not in decided]
         decided.update(self._fall_back(rows, s_ctx, s_logits, u[:, split:], rest))
         return decided
+
+    def _first_token_passes(self, s_logits, cands: dict[int, Candidate]) -> dict[int, Candidate]:
+        """The proposals that may still pass: a span appended to the current context whose first token fails
+        already (read off the current logits ``s_logits`` [B, V_s]) is rejected without its probe forward
+        (``stats["probe_skipped"]``); the decision is the same, a rejected proposal leaves no trace."""
+        early = [b for b, c in cands.items() if c.step.student.rollback == 0 and len(c.step.student.append) > 1]
+        if not early:
+            return cands
+        idx = torch.tensor(early, device=s_logits.device)
+        tok = torch.tensor([cands[b].step.student.append[0] for b in early], device=s_logits.device)
+        passed = sampling.passes(*sampling.token_scores(s_logits[idx], tok, self.config), self.config).tolist()
+        failed = {b for b, ok in zip(early, passed) if not ok}
+        self.events["probe_skipped"] += len(failed)
+        return {b: c for b, c in cands.items() if b not in failed}
 
     def _fall_back(self, rows: list[Row], s_ctx, s_logits, u, rest: list[int]) -> dict[int, Candidate]:
         """The student samples its own token (``config.fallback``) for rows ``rest``; u [B, UNIFORMS_PER_DRAW].
