@@ -242,15 +242,18 @@ class Vocab:
         Llama-2: a dummy ``▁`` after a text-matched ``<s>`` or ``<unk>``), or spaces around them are
         absorbed (lstrip/rstrip). Probed per added token: ``encode(a + c + b)`` against the windows'
         concatenation. Empty for most vocabularies (then nothing changes for them)."""
-        window = lambda t: self._continuation.encode(t, add_special_tokens=False).ids  # noqa: E731
-        found = []
-        for content in self.added.values():
-            # a whitespace token (a code tokenizer's run of spaces) merges with spaces around it as any run
-            # does, which windows handle: it is probed between letters only
-            around = (("a", "b"),) if content.isspace() else (("a", "b"), ("a ", " b"))
-            if content and any(self.encode(a + content + b) != self.encode(a) + window(content) + window(b) for a, b in around):
-                found.append(content.encode())
-        return tuple(found)
+        # a whitespace token (a code tokenizer's run of spaces) merges with spaces around it as any run does,
+        # which windows handle: it is probed between letters only
+        probes = [(c, a, b) for c in set(self.added.values()) if c
+                  for a, b in ((("a", "b"),) if c.isspace() else (("a", "b"), ("a ", " b")))]  # fmt: skip
+        if not probes:
+            return ()
+        wholes = self.backend.encode_batch_fast([a + c + b for c, a, b in probes], add_special_tokens=False)
+        texts = sorted({t for c, a, b in probes for t in (c, b)})
+        parts = {t: e.ids for t, e in zip(texts, self._continuation.encode_batch_fast(texts, add_special_tokens=False))}
+        starts = {a: self.encode(a) for a in ("a", "a ")}
+        found = {c for (c, a, b), whole in zip(probes, wholes) if whole.ids != starts[a] + parts[c] + parts[b]}
+        return tuple(sorted(c.encode() for c in found))
 
     @cached_property
     def restart_ids(self) -> frozenset[int]:
