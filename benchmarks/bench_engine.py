@@ -328,8 +328,8 @@ def run_real(args, report: dict) -> None:
                "a_bridged_limit_tok_s": a_c, "c_bridged_tok_s": c, "c_over_own_limit": c / a_c,
                "d_teacher_generate_tok_s": d, "d_teacher_generate_static_tok_s": d_static,
                "exact": b_info, "bridged": c_info,
-               # the own limit runs one step per token; a bridged row's step adds 1 / row_steps student tokens on
-               # average (a teacher token can re-tokenise into none), so a step-for-step bound is lower
+               # the own limit runs one step per token; a bridged row's step may add none, one or several student
+               # tokens: the bound if each row-step cost what a limit step costs is a_c / row_steps per token
                "c_row_steps_per_token": c_info.get("row_steps"),
                "c_over_step_bound": c / (a_c / c_info["row_steps"]) if c_info.get("row_steps") else None}  # fmt: skip
         if batch >= engine_module.DEFER_FROM_ROWS:  # what deferring multi-token catch-ups buys: the same run padded
