@@ -92,3 +92,27 @@ def test_a_copy_is_independent(text, vocab):
     assert {side: enc.ids for side, enc in pair.enc.items()} == before
     assert [pair.push(TEACHER, i) for i in ids[-3:]] == steps
     assert pair.enc[STUDENT].ids == trial.enc[STUDENT].ids == bridge.student.encode(bridge.teacher.text_of(ids))
+
+
+def test_rows_sharing_a_window_encode_it_once(vocab):
+    """Rows of one step often hold the same window (the tries of one prompt start alike): each distinct
+    missing window goes to the tokenizer once, and every row gets what ``encode_window`` gives alone."""
+    v = vocab("llama-bpe")
+    texts = [f" 0x{k:04x}{k * 7919}" for k in range(6)] * 3 + [" shared window"] * 5
+    calls: list[list[str]] = []
+    backend = v._continuation
+
+    class Spy:  # the tokenizer object is native: record its batched calls around it
+        def encode_batch_fast(self, batch, **kw):
+            calls.append(list(batch))
+            return backend.encode_batch_fast(batch, **kw)
+
+    v._window_cache.clear()
+    v.__dict__["_continuation"] = Spy()
+    try:
+        got = v.encode_windows(texts)
+    finally:
+        v.__dict__["_continuation"] = backend
+    assert calls == [list(dict.fromkeys(texts))]
+    v._window_cache.clear()
+    assert got == [v.encode_window(t) for t in texts]

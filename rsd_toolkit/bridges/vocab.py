@@ -194,24 +194,22 @@ class Vocab:
         return tuple(enc.ids)
 
     def encode_windows(self, texts: list[str]) -> list[tuple[int, ...]]:
-        """:meth:`encode_window` of many windows: the cache first, the misses in one tokenizer call.
+        """:meth:`encode_window` of many windows: the cache first, the misses (each distinct text once) in one
+        tokenizer call.
 
         One batched call (``encode_batch_fast``, Rust, across the ``RAYON_NUM_THREADS`` pool) replaces a
         Python-to-Rust round trip per window; below ``BATCH_MIN`` misses the plain calls are cheaper.
         """
         cache = self._window_cache
         out = [cache.get(t) for t in texts]
-        miss = [k for k, hit in enumerate(out) if hit is None]
+        miss = list(dict.fromkeys(t for t, hit in zip(texts, out) if hit is None))  # once each: rows may share a window
         if len(miss) >= BATCH_MIN and not self.restart_ids:
             if len(cache) + len(miss) >= WINDOW_CACHE_SIZE:
                 cache.clear()
-            encoded = self._continuation.encode_batch_fast([texts[k] for k in miss], add_special_tokens=False)
-            for k, e in zip(miss, encoded):
-                out[k] = cache[texts[k]] = tuple(e.ids)
-        else:
-            for k in miss:
-                out[k] = self.encode_window(texts[k])
-        return out  # type: ignore[return-value]
+            for t, e in zip(miss, self._continuation.encode_batch_fast(miss, add_special_tokens=False)):
+                cache[t] = tuple(e.ids)
+            return [hit if hit is not None else cache[t] for t, hit in zip(texts, out)]
+        return [hit if hit is not None else self.encode_window(t) for t, hit in zip(texts, out)]
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """:meth:`encode` of many texts (one batched call from ``BATCH_MIN`` texts on)."""
