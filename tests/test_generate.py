@@ -150,9 +150,11 @@ def test_killed_runs_resume_to_exactly_the_expected_problems(model_dir, math_fil
         assert all(json.loads(line) for line in f)  # every line complete
 
 
-def test_sigint_saves_finished_problems_and_exits_130(model_dir, math_file, tmp_path):
+def test_sigint_saves_finished_problems_and_exits_130(model_dir, tmp_path):
     out = str(tmp_path / "traces.jsonl")
-    cmd = [sys.executable, "-m", "rsd_toolkit.cli", *generate_args(model_dir, math_file, out)]
+    many = tmp_path / "many.jsonl"  # 16 engine calls: the run is still going when the interrupt arrives
+    many.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}"}) + "\n" for k in range(8) for r in MATH))
+    cmd = [sys.executable, "-m", "rsd_toolkit.cli", *generate_args(model_dir, str(many), out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not (os.path.exists(out) and os.path.getsize(out) > 0):
         time.sleep(0.05)
