@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import LOOP_BELOW, REAL_PROMPTS, no_stops, per_model_step_ms, verify_ms  # noqa: E402
+from bench_engine import LOOP_BELOW, REAL_PROMPTS, at_least_one, no_stops, per_model_step_ms, verify_ms  # noqa: E402
 from students import distinct_4grams, load_distilled_student  # noqa: E402
 
 from rsd_toolkit.config import RSDConfig  # noqa: E402
@@ -109,8 +109,8 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=16, help="traces (the engine benchmark's real prompts, each with its own seed)")
-    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--prompts", type=at_least_one, default=16, help="traces (the engine benchmark's real prompts, each with its own seed)")
+    ap.add_argument("--new-tokens", type=at_least_one, default=512)
     args = ap.parse_args()
     config = RSDConfig(mode="rsd", max_new_tokens=args.new_tokens)
     teacher = no_stops(load_lm("asset:smollm2", dtype="float32", device="cpu"))
@@ -118,6 +118,8 @@ def main() -> None:
     prompts = (REAL_PROMPTS * 8)[: args.prompts]
     traces = RSDEngine(teacher, student, config).generate(prompts, seeds=list(range(len(prompts))), batch_size=len(prompts))
     text = [(p, t) for p, t in zip(prompts, traces) if distinct_4grams(t.ids) >= LOOP_BELOW]  # a loop drafts itself
+    if not text:
+        sys.exit(f"bench_draft_schedule: none of the {len(traces)} traces has {LOOP_BELOW} distinct 4-grams (loops or too short), nothing to replay; use more --prompts or --new-tokens")
     seqs = [alphas(teacher, student, p, t.ids, config) for p, t in text]
     step = per_model_step_ms(teacher, student, 1, "cpu", steps=32)
     verify = verify_ms(teacher, 1, "cpu", list(range(1, MAX_K + 2)))

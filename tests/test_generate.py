@@ -152,10 +152,13 @@ def test_killed_runs_resume_to_exactly_the_expected_problems(model_dir, math_fil
 
 def test_sigint_saves_finished_problems_and_exits_130(model_dir, tmp_path):
     out = str(tmp_path / "traces.jsonl")
-    many = tmp_path / "many.jsonl"  # 16 engine calls: the run is still going when the interrupt arrives
+    many = tmp_path / "many.jsonl"  # 64 problems: the run is still going when the interrupt arrives
     many.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}"}) + "\n" for k in range(8) for r in MATH))
     cmd = [sys.executable, "-m", "rsd_toolkit.cli", *generate_args(model_dir, str(many), out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A runner started in the background (`cmd &`) ignores SIGINT, and its children inherit that: restore the
+    # default so the CLI sees the interrupt as a user's Ctrl-C would.
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
     while proc.poll() is None and not (os.path.exists(out) and os.path.getsize(out) > 0):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
