@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -125,6 +126,18 @@ def test_generate_writes_one_record_per_problem_and_parquet(model_dir, math_file
     assert "kept as " + out + ".bak-1" in message
     forced = CliRunner().invoke(cli, generate_args(model_dir, math_file, out, "--pth", "0.03", "--force", "--limit", "2"))
     assert forced.exit_code == 0 and len(read_records(out)) == 2 and os.path.exists(out + ".bak-1")
+
+
+def test_generate_freezes_what_it_loaded(model_dir, math_file, tmp_path):
+    """The models and tokenizers leave the cyclic GC's sight once loaded (a full collection otherwise scans
+    them, about once per 45k bridged pushes: benchmarks/bench_bridges.py, gc_effect)."""
+    gc.unfreeze()
+    try:
+        r = CliRunner().invoke(cli, generate_args(model_dir, math_file, str(tmp_path / "t.jsonl"), "--limit", "1"))
+        assert r.exit_code == 0, r.output
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
 
 
 def test_killed_runs_resume_to_exactly_the_expected_problems(model_dir, math_file, tmp_path):

@@ -41,8 +41,10 @@ from .vocab import Vocab
 RUN_BYTES = 32  # no stable cut in this many bytes before the end: the text is in a long run
 CHECK_BYTES = 4  # a run cut is checked on at least this many bytes of tokens after it
 MAX_TRIES = 6  # cuts tried before re-encoding the whole segment
-SEAL_AT = 1024  # segment tokens from which its settled start is sealed (copies then stop growing)
-SEAL_KEEP = 256  # tokens a seal leaves in the segment; the cut is sought this far back again at most
+# A trial copy per push (the engine's) copies the segment: small segments keep it cheap (128/32 against 1024/256:
+# 0.91-0.92x the CPU per copied push at batch 64, in-process A/B), and prose has a stable cut every few tokens.
+SEAL_AT = 128  # segment tokens from which its settled start is sealed (copies then stop growing)
+SEAL_KEEP = 32  # tokens a seal leaves in the segment; the cut is sought this far back again at most
 _SPACES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII characters str.isspace() accepts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import warnings
@@ -116,6 +117,10 @@ def generate(**kw) -> None:
         from ..engine import RSDEngine
 
         engine = RSDEngine(teacher, student, config, static_step=None if kw["cuda_graphs"] else False)
+        # Everything alive now (models, tokenizers, tables) lives as long as the run: out of the cyclic GC's
+        # sight, a full collection scans the run's own objects only, not ~600k of torch's and transformers'
+        # (125 ms each on a 2-core host, one per ~45k bridged pushes: benchmarks/bench_bridges.py, gc_frozen).
+        gc.freeze()
         problems, too_long = fit_context(engine, problems)
         if too_long:
             warnings.warn(describe_too_long(too_long, config.max_new_tokens), InputWarning, stacklevel=1)
