@@ -11,7 +11,7 @@ We report:
   (decode a lookbehind window, re-encode, splice at the longest common diagonal), run on the same stream.
 
 ``long_trace`` rows: one trace pushed to 16,000+ tokens; at 1,000, 4,000 and 16,000 tokens, the cost of
-``Pair.copy`` and of a push on a fresh copy (the engine's trial per step): neither may grow with the trace.
+``Pair.copy`` and of a push on a fresh copy (the engine's trial per step), best of 3: neither may grow with the trace.
 
 ``hostile`` rows: texts with a 2,000+ character run (whitespace, code indentation, LaTeX alignment, CJK
 prose, minified code, base64, digits), after a warm-up run of the same kind (other random content).
@@ -28,6 +28,14 @@ mismatches (every row checked every 16th step and at the end). ``trial_pushes_pe
 (the copy replaces it), so ``Pair.copy`` is counted. Per-vocabulary tables are built before timing. Window caches are cleared before every
 timed run (hostile rows: before the warm-up run). The machine (cores, load average) is in the JSON.
 
+Every bridge is built, then ``gc.freeze()``: the objects loaded so far (torch, transformers, tokenizers,
+vocabulary tables) leave the cyclic GC's sight, as ``rsd generate`` does once its models are loaded.
+``gc_effect``: the first pair's batch-64 steps with ``copy()``, with the process frozen and not,
+alternated in the same run, with the cyclic GC's own time (``gc.callbacks``) in each.
+``hostile_over_normal_bound`` (hostile batch rows): the most hostile / normal could be, were the hostile
+push's Python as cheap as a normal push's: normal CPU per push over (normal's bookkeeping + the hostile
+row's tokenizer time per push).
+
 Targets (issues 2, 13): 0 mismatches; >= 20,000 pushes/s on one core, hostile text included.
 Targets (issue 21): single push >= 40,000/s on every pair; batch 64 >= 200,000 pushes/s per step-batch on
 2 cores; hostile rows no slower than 2x normal text.
@@ -43,8 +51,9 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' Rust thread pool:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import base64  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -99,10 +108,68 @@ def hostile_texts(seed: int = 0) -> dict[str, tuple[str, str]]:
     }
 
 
+def loaded_bridge(a: str, b: str):
+    """The bridge of two asset vocabularies, then ``gc.freeze()`` (as ``rsd generate`` does once its models
+    are loaded): what is loaded so far stays alive, and full collections need not scan it."""
+    bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+    gc.freeze()
+    return bridge
+
+
+@contextlib.contextmanager
+def gc_clock():
+    """Seconds the cyclic GC runs inside the block, as ``[seconds]``."""
+    spent, started = [0.0], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(on_gc)
+    try:
+        yield spent
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
+def gc_effect(bridge, streams: list[list[int]], repeats: int = 4) -> dict:
+    """The engine's steps (``copy()`` then ``push_all``) with the loaded objects frozen and not, alternated:
+    CPU µs per push and the GC's part of it, over all ``repeats`` runs of each, in alternating order (a full
+    collection comes about once per run of 45k pushes: a best-of would pick the run without one)."""
+    runs: dict[str, list] = {"frozen": [], "unfrozen": []}
+    try:
+        for k in range(repeats):
+            for state in ("frozen", "unfrozen") if k % 2 else ("unfrozen", "frozen"):
+                (gc.freeze if state == "frozen" else gc.unfreeze)()
+                tracked = len(gc.get_objects())
+                with gc_clock() as spent:
+                    row = run_batch(bridge, streams, trial=True)
+                runs[state].append((row["us_cpu_per_push"], 1e6 * spent[0] / row["pushes"], tracked))
+    finally:
+        gc.freeze()
+    out = {state: {"trial_us_cpu_per_push": round(sum(r[0] for r in rows) / len(rows), 2),
+                   "gc_us_per_push": round(sum(r[1] for r in rows) / len(rows), 2),
+                   "gc_tracked_objects": rows[0][2]} for state, rows in runs.items()}  # fmt: skip
+    out["frozen_over_unfrozen"] = round(out["frozen"]["trial_us_cpu_per_push"] / out["unfrozen"]["trial_us_cpu_per_push"], 3)
+    return out
+
+
 def expected_student(bridge, ids: list[int], k: int) -> list[int]:
     if bridge.keeps_sampled_ids:
         return [bridge.maps[TEACHER].image(i) for i in ids[:k]]
     return bridge.student.encode(bridge.teacher.committed_text(ids[:k]))
+
+
+class CountingCache(dict):
+    """A window cache that counts its insertions (the misses: a full cache is cleared, so its size does not)."""
+
+    inserted = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.inserted += 1
+        dict.__setitem__(self, key, value)
 
 
 def clear_caches(bridge) -> None:
@@ -179,7 +246,10 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
                 pair.push(TEACHER, i)
     saved = vocab_module.BATCH_MIN
     vocab_module.BATCH_MIN = 1 << 30 if per_row else saved
-    misses = [len(bridge.teacher._window_cache) + len(bridge.student._window_cache)]
+    vocabs = list({id(v): v for v in (bridge.teacher, bridge.student)}.values())
+    for v in vocabs:
+        v._window_cache = CountingCache(v._window_cache)
+    misses = [sum(v._window_cache.inserted for v in vocabs)]
     pairs = [bridge.pair() for _ in streams]
     n = max(map(len, streams))
     steps = [[(r, s[k]) for r, s in enumerate(streams) if k < len(s)] for k in range(n)]
@@ -196,6 +266,7 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
         t0, c0 = time.perf_counter(), time.process_time()
         run()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        misses.append(sum(v._window_cache.inserted for v in vocabs))
         if not (per_row or trial):  # the same steps again, timing the tokenizer calls alone (the calls are the same)
             clear_caches(bridge)
             for stream in warm or []:
@@ -207,7 +278,8 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
                 run()
     finally:
         vocab_module.BATCH_MIN = saved
-    misses.append(len(bridge.teacher._window_cache) + len(bridge.student._window_cache))
+        for v in vocabs:
+            v._window_cache = dict(v._window_cache)
     pushes = sum(map(len, streams))
     out = {"rows": len(streams), "steps": n, "pushes": pushes, "pushes_per_s": round(pushes / wall),
            "us_cpu_per_step": round(1e6 * cpu / n, 1), "us_cpu_per_push": round(1e6 * cpu / pushes, 2),
@@ -230,9 +302,11 @@ def run_batch(bridge, streams: list[list[int]], warm: list[list[int]] | None = N
 LONG_MARKS = (1000, 4000, 16000)  # trace lengths (teacher tokens) at which the long-trace rows measure
 
 
-def run_long(bridge, ids: list[int], pushes: int = 300, copies: int = 2000) -> list[dict]:
+def run_long(bridge, ids: list[int], pushes: int = 300, copies: int = 2000, repeats: int = 3) -> list[dict]:
     """What the engine pays per step as a trace grows: ``Pair.copy`` alone, and a push on a fresh copy (its
-    trial), at each of ``LONG_MARKS`` tokens into one long trace. Neither may grow with the trace."""
+    trial), at each of ``LONG_MARKS`` tokens into one long trace. Neither may grow with the trace. Best of
+    ``repeats`` (each on fresh copies of the same pair, so from the second on its windows are memoised): a
+    few hundred pushes are short enough for one hiccup of a shared machine to double a mean."""
     warm_up(bridge, ids)
     clear_caches(bridge)
     pair, out = bridge.pair(), []
@@ -240,15 +314,18 @@ def run_long(bridge, ids: list[int], pushes: int = 300, copies: int = 2000) -> l
     for k, i in enumerate(ids[: marks[-1]] if marks else []):
         pair.push(TEACHER, i)
         if k + 1 in marks:
-            t0 = time.perf_counter()
-            for _ in range(copies):
-                pair.copy()
-            copy_us = 1e6 * (time.perf_counter() - t0) / copies
-            t0 = time.perf_counter()
-            for j in ids[k + 1 : k + 1 + pushes]:
-                pair.copy().push(TEACHER, j)
-            out.append({"tokens": k + 1, "us_per_copy": round(copy_us, 2),
-                        "us_per_copy_and_push": round(1e6 * (time.perf_counter() - t0) / pushes, 2)})  # fmt: skip
+            copy_s, push_s = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(copies):
+                    pair.copy()
+                copy_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for j in ids[k + 1 : k + 1 + pushes]:
+                    pair.copy().push(TEACHER, j)
+                push_s.append(time.perf_counter() - t0)
+            out.append({"tokens": k + 1, "us_per_copy": round(1e6 * min(copy_s) / copies, 2),
+                        "us_per_copy_and_push": round(1e6 * min(push_s) / pushes, 2)})  # fmt: skip
     return out
 
 
@@ -331,8 +408,8 @@ def main() -> None:
     base_text = corpus(args.baseline_chars, seed=1)
     rows = []
     for a, b in [] if args.hostile_only else PAIRS:
-        src, dst = load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}")
-        bridge = make_bridge(src, dst)
+        bridge = loaded_bridge(a, b)
+        src, dst = bridge.teacher, bridge.student
         ids = src.encode(text)
         ours_tps, ours_bad, _ = run_ours(bridge, ids)
         base_ids = src.encode(base_text)
@@ -349,7 +426,7 @@ def main() -> None:
             print(row, file=sys.stderr)
     batch_rows = []
     for a, b in [] if args.hostile_only else PAIRS:
-        bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+        bridge = loaded_bridge(a, b)
         for size in batches:
             streams = [bridge.teacher.encode(corpus(args.batch_chars, seed=10 + r)) for r in range(size)]
             row = {"src": a, "dst": b, "kind": bridge.kind, "text": "corpus", "batch": size, **run_batch(bridge, streams)}
@@ -360,9 +437,16 @@ def main() -> None:
             batch_rows.append(row)
             if not args.json:
                 print(row, file=sys.stderr)
+    gc_row = None
+    for a, b in [] if args.hostile_only or 64 not in batches else PAIRS[:1]:
+        bridge = loaded_bridge(a, b)
+        streams = [bridge.teacher.encode(corpus(args.batch_chars, seed=10 + r)) for r in range(64)]
+        gc_row = {"src": a, "dst": b, "batch": 64, **gc_effect(bridge, streams)}
+        if not args.json:
+            print(gc_row, file=sys.stderr)
     long_rows = []
     for a, b in [] if args.hostile_only else PAIRS:
-        bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+        bridge = loaded_bridge(a, b)
         ids = bridge.teacher.encode(corpus(args.long_chars, seed=3))
         rows_at = run_long(bridge, ids)
         if rows_at:
@@ -374,7 +458,7 @@ def main() -> None:
                 print(row, file=sys.stderr)
     hostile = []
     for a, b in HOSTILE_PAIRS:
-        bridge = make_bridge(load_vocab(f"asset:{a}"), load_vocab(f"asset:{b}"))
+        bridge = loaded_bridge(a, b)
         warm = hostile_texts(seed=1)
         for name, (prefix, run) in hostile_texts().items():
             row = {"src": a, "dst": b, "kind": bridge.kind, "text": name, **run_hostile(bridge, prefix, run, warm[name][1])}
@@ -396,6 +480,16 @@ def main() -> None:
     corpus_at = {(r["src"], r["dst"], r["batch"]): r["pushes_per_s"] for r in batch_rows if r["text"] == "corpus"}
     hostile_vs_normal = [r["pushes_per_s"] / corpus_at[(r["src"], r["dst"], r["batch"])] for r in batch_rows
                          if r["text"] != "corpus" and (r["src"], r["dst"], r["batch"]) in corpus_at]  # fmt: skip
+    # The most a hostile row could reach: a hostile push does at least a normal push's bookkeeping, plus its
+    # own tokenizer calls (one fresh window per side: random content is never in the cache). Normal CPU µs over
+    # that floor bounds hostile / normal whatever the Python costs.
+    corpus_row = {(r["src"], r["dst"], r["batch"]): r for r in batch_rows if r["text"] == "corpus"}
+    for r in batch_rows:
+        c = corpus_row.get((r["src"], r["dst"], r["batch"]))
+        if r["text"] != "corpus" and c and "us_tokenizer_per_push" in r:
+            floor = c["us_cpu_per_push"] - c["us_tokenizer_per_push"] + r["us_tokenizer_per_push"]
+            r["hostile_over_normal_bound"] = round(c["us_cpu_per_push"] / floor, 3)
+    bounds = [r["hostile_over_normal_bound"] for r in batch_rows if "hostile_over_normal_bound" in r]
     b64 = [r["pushes_per_s"] for r in batch_rows if r["text"] == "corpus" and r["batch"] == 64 and r["kind"] != "identical"]
     result = {
         "benchmark": "bridges",
@@ -404,6 +498,7 @@ def main() -> None:
         "pairs": rows,
         "hostile": hostile,
         "batch": batch_rows,
+        "gc_effect": gc_row,
         "long_trace": long_rows,
         "max_long_copy_growth": max((r["copy_last_over_first"] for r in long_rows), default=None),
         "max_long_copy_and_push_growth": max((r["copy_and_push_last_over_first"] for r in long_rows), default=None),
@@ -411,6 +506,7 @@ def main() -> None:
         "min_batch64_trial_pushes_per_s": min((r["trial_pushes_per_s"] for r in batch_rows if r["text"] == "corpus"
                                                and r["batch"] == 64 and r["kind"] != "identical"), default=None),
         "min_hostile_over_normal_batched": round(min(hostile_vs_normal), 2) if hostile_vs_normal else None,
+        "min_hostile_over_normal_bound": min(bounds, default=None),
         "max_batch_mismatches": max((r.get("mismatches", 0) for r in batch_rows), default=None),
         "min_ours_tokens_per_s": min_tps,
         "max_ours_mismatch_rate": max((r["ours_mismatch_rate"] for r in rows), default=None),
