@@ -118,8 +118,8 @@ def generate(**kw) -> None:
 
         engine = RSDEngine(teacher, student, config, static_step=None if kw["cuda_graphs"] else False)
         # Everything alive now (models, tokenizers, tables) lives as long as the run: out of the cyclic GC's
-        # sight, a full collection scans the run's own objects only, not ~600k of torch's and transformers'
-        # (125 ms each on a 2-core host, one per ~45k bridged pushes: benchmarks/bench_bridges.py, gc_frozen).
+        # sight, a full collection scans the run's own objects only, not the ~950k of torch and transformers
+        # (200-270 ms each on a 2-core host, about once per 45k bridged pushes: bench_bridges.py, gc_effect).
         gc.freeze()
         problems, too_long = fit_context(engine, problems)
         if too_long:
