@@ -119,7 +119,7 @@ def main() -> None:
     traces = RSDEngine(teacher, student, config).generate(prompts, seeds=list(range(len(prompts))), batch_size=len(prompts))
     text = [(p, t) for p, t in zip(prompts, traces) if distinct_4grams(t.ids) >= LOOP_BELOW]  # a loop drafts itself
     if not text:
-        sys.exit(f"bench_draft_schedule: none of the {len(traces)} traces has {LOOP_BELOW} distinct 4-grams (loops or too short), nothing to replay; use more --prompts or --new-tokens")
+        sys.exit(f"bench_draft_schedule: all {len(traces)} traces loop (distinct 4-grams below {LOOP_BELOW:.0%} of them), nothing to replay; use more --prompts or --new-tokens")
     seqs = [alphas(teacher, student, p, t.ids, config) for p, t in text]
     step = per_model_step_ms(teacher, student, 1, "cpu", steps=32)
     verify = verify_ms(teacher, 1, "cpu", list(range(1, MAX_K + 2)))
