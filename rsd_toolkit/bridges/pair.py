@@ -129,7 +129,7 @@ class Pair:
         own = self.enc[side].start_text(text)
         other = self.enc[OTHER[side]].start_text(text)
         if isinstance(own, Update) and isinstance(other, Update):
-            return Step(own, other) if side == STUDENT else Step(other, own)
+            return _step(side, own, other)
         return self._finish(side, own, other)
 
     def _finish(self, side: str, own: "Update | Steps", other: "Update | Steps") -> Steps:
