@@ -105,20 +105,27 @@ def timed(fn, device: str) -> float:
 
 @torch.inference_mode()
 def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, device: str,
-                      prompts: list[str] | None = None, step_ms: list | None = None) -> float:  # fmt: skip
+                      prompts: list[str] | None = None, step_ms: list | None = None,
+                      row_steps: list[int] | None = None) -> float:  # fmt: skip
     """The bare loop the engine cannot beat: one cached teacher forward and one cached student forward per
-    token, through the engine's own ``BatchedContext`` (same KV store, same explicit masks)."""
+    token, through the engine's own ``BatchedContext`` (same KV store, same explicit masks).
+
+    ``row_steps``: the loop on an engine run's own schedule instead (the *ragged limit*): row b decodes
+    ``row_steps[b]`` steps and then leaves the batch, as the engine's row b did; the rate still counts
+    ``batch * new_tokens`` tokens, what that engine run produced."""
     from rsd_toolkit.engine import BatchedContext
     from rsd_toolkit.engine.context import static_default
 
     prompts = prompts or [PROMPT] * batch
     V_s = student.vocab.size
+    steps_left = list(row_steps) if row_steps is not None else [new_tokens] * batch
 
     def run():
         tc, sc = (BatchedContext(lm.model, batch, static=static_default(lm.model)) for lm in (teacher, student))
         tc.extend([teacher.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
         sc.extend([student.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
-        for _ in range(new_tokens):
+        left = list(steps_left)
+        while left:
             t0 = time.perf_counter()
             nxt = tc.last_logits.argmax(-1).tolist()
             tc.extend([[t] for t in nxt])
@@ -126,27 +133,48 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
             if step_ms is not None:
                 sync(device)
                 step_ms.append(1000 * (time.perf_counter() - t0))
+            left = [n - 1 for n in left]
+            if min(left) == 0:  # rows whose steps are done leave, as finished rows leave the engine's batch
+                keep = [b for b, n in enumerate(left) if n]
+                for c in (tc, sc):
+                    c.select(keep)
+                left = [left[b] for b in keep]
 
     return batch * new_tokens / timed(run, device)
+
+
+def many_prompt_limit(teacher: LM, student: LM, batch: int, new_tokens: int, device: str, prompts: list[str]) -> float:
+    """The two-forward limit for ``len(prompts)`` prompts at ``batch`` rows: full batches one after another,
+    each with its own prefill (the bound for a run that decodes several batches' worth of prompts)."""
+    seconds = 0.0
+    for k in range(0, len(prompts), batch):
+        chunk = prompts[k : k + batch]
+        seconds += len(chunk) * new_tokens / two_forward_limit(teacher, student, len(chunk), new_tokens, device, chunk)
+    return len(prompts) * new_tokens / seconds
 
 
 def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: str, mode: str = "rsd",
                 prompts: list[str] | None = None, step_ms: list | None = None,
                 static_step: bool | None = None, draft_tokens: int = 0, traces: list | None = None,
-                rows: int | None = None) -> tuple[float, dict]:  # fmt: skip
+                rows: int | None = None, finish_steps: dict | None = None) -> tuple[float, dict]:  # fmt: skip
     """RSD tok/s and the run's stats (``static_step``: the engine's default, or forced on/off; ``traces``:
-    receives the traces; ``rows``: prompts decoded, ``batch`` at a time, default ``batch``)."""
+    receives the traces; ``rows``: prompts decoded, ``batch`` at a time, default ``batch``; ``finish_steps``:
+    receives, per prompt index, the decode step (counted from the run's first) in which its row finished)."""
     config = RSDConfig(mode=mode, max_new_tokens=new_tokens, draft_tokens=draft_tokens)
     engine = RSDEngine(teacher, student, config, static_step=static_step)
     prompts = prompts or [PROMPT] * batch
-    if step_ms is not None:  # instrument the step (benchmark only): time per decode step, start vs end of a trace
-        step = engine._step
+    if step_ms is not None or finish_steps is not None:  # instrument the step (benchmark only)
+        step, count = engine._step, [0]
 
         def timed_step(rows, ctx):
             t0 = time.perf_counter()
             step(rows, ctx)
-            sync(device)
-            step_ms.append(1000 * (time.perf_counter() - t0))
+            count[0] += 1
+            if step_ms is not None:  # time per decode step, start vs end of a trace
+                sync(device)
+                step_ms.append(1000 * (time.perf_counter() - t0))
+            if finish_steps is not None:
+                finish_steps.update({r.index: count[0] for r in rows if r.finish and r.index not in finish_steps})
 
         engine._step = timed_step
     runs = []
@@ -315,13 +343,16 @@ def run_real(args, report: dict) -> None:
         for pair in ("exact", "bridged"):  # warm-up
             two_forward_limit(teacher, exact_student if pair == "exact" else bridged_student, batch, 16, args.device, prompts)
         engine_rate(teacher, exact_student, batch, 16, args.device, prompts=prompts)
-        runs = {"a": [], "b": [], "a_c": [], "c": []}
+        runs = {"a": [], "b": [], "a_c": [], "c": [], "r_c": []}
+        finish: dict[int, int] = {}  # the bridged run's schedule: the step in which each row finished (the same every run)
         for _ in range(args.repeats):  # interleaved, best of each: noise slows single runs, not the ratios
             runs["a"].append((two_forward_limit(teacher, exact_student, batch, n, args.device, prompts), None))
             runs["b"].append(engine_rate(teacher, exact_student, batch, n, args.device, prompts=prompts))
             runs["a_c"].append((two_forward_limit(teacher, bridged_student, batch, n, args.device, prompts), None))
-            runs["c"].append(engine_rate(teacher, bridged_student, batch, n, args.device, prompts=prompts))
-        (a, _), (b, b_info), (a_c, _), (c, c_info) = (max(runs[k], key=lambda r: r[0]) for k in ("a", "b", "a_c", "c"))
+            runs["c"].append(engine_rate(teacher, bridged_student, batch, n, args.device, prompts=prompts, finish_steps=finish))
+            row_steps = [finish[i] for i in range(batch)]
+            runs["r_c"].append((two_forward_limit(teacher, bridged_student, batch, n, args.device, prompts, row_steps=row_steps), None))
+        (a, _), (b, b_info), (a_c, _), (c, c_info), (r_c, _) = (max(runs[k], key=lambda r: r[0]) for k in ("a", "b", "a_c", "c", "r_c"))
         d = generate_rate(teacher, batch, n, args.device, prompts)
         d_static = generate_rate(teacher, batch, n, args.device, prompts, cache_implementation="static")
         row = {"batch": batch, "new_tokens": n, "a_exact_limit_tok_s": a, "b_exact_tok_s": b, "b_over_a": b / a,
@@ -331,7 +362,13 @@ def run_real(args, report: dict) -> None:
                # the own limit runs one step per token; a bridged row's step may add none, one or several student
                # tokens: the bound if each row-step cost what a limit step costs is a_c / row_steps per token
                "c_row_steps_per_token": c_info.get("row_steps"),
-               "c_over_step_bound": c / (a_c / c_info["row_steps"]) if c_info.get("row_steps") else None}  # fmt: skip
+               "c_over_step_bound": c / (a_c / c_info["row_steps"]) if c_info.get("row_steps") else None,
+               # The ragged limit: the bare loop on the bridged run's own schedule (a step adds 0, 1 or more
+               # student tokens, so rows reach the budget in different steps and leave; with no prompt left to
+               # join, the last steps run a few rows at nearly a full step's cost). What the schedule itself
+               # costs (ragged / own limit) and what the engine costs on top of it (c / ragged).
+               "r_bridged_ragged_limit_tok_s": r_c, "ragged_limit_over_own_limit": r_c / a_c, "c_over_ragged_limit": c / r_c,
+               "c_row_steps_min_max": [min(row_steps), max(row_steps)]}  # fmt: skip
         if batch >= engine_module.DEFER_FROM_ROWS:  # what deferring multi-token catch-ups buys: the same run padded
             defer, engine_module.DEFER_FROM_ROWS = engine_module.DEFER_FROM_ROWS, 10**9
             try:
@@ -342,9 +379,26 @@ def run_real(args, report: dict) -> None:
                        bridged_padded={k: c_padded_info.get(k) for k in ("teacher_computed_over_real", "student_computed_over_real", "acceptance")})  # fmt: skip
         report["rows"].append(row)
         print(f"batch {batch}: exact {b:.1f} tok/s = {b / a:.2f} of its limit {a:.1f}; bridged {c:.1f} = {c / a_c:.2f} "
-              f"of its limit {a_c:.1f}; acceptance exact {b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}; "
-              f"bridge {c_info['bridge_share']:.1%} of the bridged run",
+              f"of its limit {a_c:.1f} ({c / r_c:.2f} of its ragged limit {r_c:.1f}); acceptance exact "
+              f"{b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}; bridge {c_info['bridge_share']:.1%} of the bridged run",
               file=sys.stderr, flush=True)  # fmt: skip
+        if args.prompts_per_slot > 1:  # several batches' worth of prompts, as `rsd traces` decodes per call
+            many = prompts[: batch * args.prompts_per_slot]
+            m_runs = {"limit": [], "engine": []}
+            for _ in range(args.repeats):
+                m_runs["limit"].append((many_prompt_limit(teacher, bridged_student, batch, n, args.device, many), None))
+                m_runs["engine"].append(engine_rate(teacher, bridged_student, batch, n, args.device, prompts=many, rows=len(many)))
+            (m_a, _), (m_c, m_info) = (max(m_runs[k], key=lambda r: r[0]) for k in ("limit", "engine"))
+            row["many_prompts"] = {
+                "prompts": len(many), "limit_tok_s": m_a, "bridged_tok_s": m_c, "bridged_over_limit": m_c / m_a,
+                "joins": round(m_info["joins"] * m_info["tokens"]),  # engine_rate divides stats by tokens
+                "steps": round(m_info["steps"] * m_info["tokens"]),
+                "limit_steps": len(many) // batch * n,
+                # decisions per step and slot: how full the engine keeps the batch (1.0: every slot decides every step)
+                "occupancy": m_info["row_steps"] / m_info["steps"] / batch,
+            }  # fmt: skip
+            print(f"batch {batch}, {len(many)} prompts: bridged {m_c:.1f} tok/s = {m_c / m_a:.2f} of the limit {m_a:.1f}",
+                  file=sys.stderr, flush=True)  # fmt: skip
     if args.long_tokens:
         batch = 16 if 16 in [r["batch"] for r in report["rows"]] else report["rows"][-1]["batch"]
         short, long = 256, args.long_tokens
@@ -366,6 +420,9 @@ def run_real(args, report: dict) -> None:
             targets["bridged_over_own_limit_at_16>=0.80"] = r["c_over_own_limit"] >= 0.80
             targets["bridged_over_own_limit_at_16>=0.95"] = r["c_over_own_limit"] >= 0.95  # issue 21
             targets["bridge_share_of_bridged_run_at_16<=0.10"] = r["bridged"]["bridge_share"] <= 0.10  # issue 21
+            targets["bridged_over_ragged_limit_at_16>=0.95"] = r["c_over_ragged_limit"] >= 0.95  # the engine's own cost
+            if "many_prompts" in r:
+                targets["bridged_many_prompts_over_limit_at_16>=0.95"] = r["many_prompts"]["bridged_over_limit"] >= 0.95
             for side, pair in (("student", "exact"), ("student", "bridged"), ("teacher", "bridged")):
                 value = r[pair].get(f"{side}_computed_over_real")
                 if value is not None:
@@ -488,6 +545,9 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=0, help="real: also compare the exact pair at 256 and this many tokens")
     ap.add_argument("--teacher-tokenizer", default="asset:qwen2")
     ap.add_argument("--bridged-student-tokenizer", default="asset:llama-bpe")
+    ap.add_argument("--prompts-per-slot", type=at_least_one, default=1,
+                    help="real: also decode this many batches' worth of prompts in one call (rows refill), against the "
+                         "limit for as many full batches")
     ap.add_argument("--repeats", type=at_least_one, default=1, help="real: measure limit and engine this many times, interleaved; best of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -243,6 +243,69 @@ def test_a_row_catching_up_one_token_per_step_changes_no_trace(monkeypatch, mode
     assert waste(on) < waste(off)
 
 
+def test_keep_false_hands_each_trace_over_and_keeps_none():
+    """``generate(keep=False)``: the traces reach ``progress`` (the same ones ``keep=True`` returns) and the
+    Generation holds None in their place; without a callback the call refuses before decoding anything."""
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:llama-bpe", "llama", hidden=64, seed=2))
+    engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=12, pth=0.01))
+    with pytest.raises(ValueError, match="keep=False needs a progress callback"):
+        engine.generate(PROMPTS, keep=False)
+    handed = []
+    out = engine.generate(PROMPTS, batch_size=2, progress=handed.append, keep=False)
+    kept = engine.generate(PROMPTS, batch_size=2)
+    assert list(out) == [None] * len(PROMPTS)
+    assert sorted((t.index, t.ids) for t in handed) == [(t.index, t.ids) for t in kept]
+    assert out.stats["row_steps"] == kept.stats["row_steps"] > 0
+
+
+def test_a_free_slot_is_refilled_within_a_batch_of_empty_row_steps():
+    """Rows finish in different steps (a stop string; bridged rows also reach the budget apart). While prompts wait, the empty row-steps since the
+    last join stay below one full step's worth (``JOIN_AFTER_STEPS``): a lone free slot is refilled after at
+    most B steps, not left empty until a quarter of the batch is free. Traces do not depend on when rows join."""
+    from rsd_toolkit.engine import engine as engine_module
+
+    teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm("asset:llama-bpe", "llama", hidden=64, seed=2))
+    batch, prompts = 8, PROMPTS * 4
+    cfg = RSDConfig(max_new_tokens=40, pth=0.01, stop_strings=[" the"])  # rows end at the budget or earlier, as at EOS
+    engine = RSDEngine(teacher, student, cfg)
+    run, join, sizes, waiting = engine._run, engine._join, [], []
+
+    def counting_run(prompts, seeds, todo, *args):
+        step = engine._step
+
+        def step_and_count(rows, ctx):  # rows in each step, and whether prompts were still waiting
+            sizes.append(len(rows))
+            waiting.append(bool(todo))
+            step(rows, ctx)
+
+        engine._step = step_and_count
+        try:
+            run(prompts, seeds, todo, *args)
+        finally:
+            engine._step = step
+
+    def counting_join(ctx, rows, new):
+        sizes.append(None)  # a join before the next step
+        join(ctx, rows, new)
+
+    engine._run, engine._join = counting_run, counting_join
+    out = engine.generate(prompts, batch_size=batch)
+    empty, worst, steps = 0, 0, iter(waiting)
+    for size in sizes:  # empty row-steps since the last join, counted while prompts wait
+        if size is None:
+            empty = 0
+        elif next(steps):
+            empty += batch - size
+            worst = max(worst, empty)
+    assert sizes.count(None) > 2 and min(s for s in sizes if s is not None) < batch  # rows left and others joined
+    assert worst < batch * engine_module.JOIN_AFTER_STEPS
+    alone = RSDEngine(teacher, student, cfg).generate(prompts, batch_size=len(prompts))
+    assert [t.ids for t in out] == [t.ids for t in alone]
+    assert out.stats["joins"] == sizes.count(None) and out.stats["steps"] == len(waiting)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("student_asset", ["asset:qwen2", "asset:llama-bpe"])
 def test_cuda_graphs_give_the_same_traces_as_eager_on_cuda(student_asset):

@@ -239,7 +239,8 @@ def test_problems_from_csv_parquet_and_json(tmp_path, ext):
 
 
 def test_a_problem_is_written_as_soon_as_its_last_attempt_finishes(engine, tmp_path):
-    """Records reach the file while the engine is still decoding the rest of the chunk, not at its end."""
+    """Records reach the file while the engine is still decoding the other problems, not at the end of the call;
+    the engine keeps no trace it handed over (``keep=False``)."""
     from rsd_toolkit.traces.pipeline import generate_traces
     from rsd_toolkit.traces.store import TraceFile, read_records
 
@@ -248,12 +249,15 @@ def test_a_problem_is_written_as_soon_as_its_last_attempt_finishes(engine, tmp_p
     lines_when_a_trace_finished = []
     real_generate = engine.generate
 
-    def spying_generate(prompts, seeds, batch_size, progress):
+    returned = []
+
+    def spying_generate(prompts, seeds, batch_size, progress, keep):
         def on_trace(trace):
             progress(trace)
             lines_when_a_trace_finished.append((trace.index, sum(1 for _ in open(path))))
 
-        return real_generate(prompts, seeds=seeds, batch_size=batch_size, progress=on_trace)
+        returned.append(real_generate(prompts, seeds=seeds, batch_size=batch_size, progress=on_trace, keep=keep))
+        return returned[-1]
 
     engine.generate = spying_generate
     try:
@@ -261,7 +265,8 @@ def test_a_problem_is_written_as_soon_as_its_last_attempt_finishes(engine, tmp_p
             generate_traces(engine, problems, store, GenerateOptions(attempts=2, batch_size=8))
     finally:
         del engine.generate
-    assert len(lines_when_a_trace_finished) == 6  # one chunk: all six attempts decode together
+    assert len(lines_when_a_trace_finished) == 6  # one call: all six attempts decode together
+    assert len(returned) == 1 and list(returned[0]) == [None] * 6
     finished = set()
     for index, lines in lines_when_a_trace_finished:  # on disk right after each problem's 2nd attempt
         finished.add(index)

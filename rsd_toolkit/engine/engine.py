@@ -37,6 +37,11 @@ log = logging.getLogger("rsd_toolkit.engine")
 # row sitting out costs 1/16 of one; at batch 4 ([4, 2] 59 ms) padding is the cheaper. On CUDA it also keeps
 # the step at one token per row, the shape the captured graph replays.
 DEFER_FROM_ROWS = 8
+# Free slots are refilled once the batch has run this many steps' worth of empty rows since the last join (a
+# ski-rental rule): a join costs a prefill forward per model, about a decode step, and an empty slot wastes 1/B
+# of every step. One free slot waits B steps, a quarter of the batch 4. The rule it replaces (join when a quarter
+# is free) left 3 of 16 slots empty for 150+ steps when traces run to the same budget.
+JOIN_AFTER_STEPS = 1
 
 
 class RSDEngine:
@@ -92,14 +97,21 @@ class RSDEngine:
 
     # -- public ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list, seeds: list[int] | None = None, batch_size: int = 16, progress=None) -> Generation:
+    def generate(self, prompts: list, seeds: list[int] | None = None, batch_size: int = 16, progress=None,
+                 keep: bool = True) -> Generation:  # fmt: skip
         """One trace per prompt, with the call's stats (``Generation``). ``seeds[i]`` (default ``i``) fixes
         prompt i's randomness together with ``config.seed``: a trace does not depend on batch size or on the
-        other prompts. Out of GPU memory, the batch size halves and the unfinished prompts restart."""
+        other prompts. Out of GPU memory, the batch size halves and the unfinished prompts restart.
+
+        ``progress(trace)`` is called as each trace finishes. ``keep=False`` hands each trace to it alone (the
+        Generation holds None in its place), so a call over many prompts holds only the rows still decoding:
+        one call keeps the batch full to the end, where calls over slices each drain it."""
         if seeds is None:
             seeds = list(range(len(prompts)))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if not keep and progress is None:
+            raise ValueError("keep=False needs a progress callback to receive the traces")
         for st in self.static.values():
             if st is not None:
                 st.counts.clear()
@@ -110,7 +122,7 @@ class RSDEngine:
             while todo:
                 out_of_memory = False
                 try:
-                    self._run(prompts, seeds, todo, results, batch_size, progress)
+                    self._run(prompts, seeds, todo, results, batch_size, progress, keep)
                 except torch.cuda.OutOfMemoryError:
                     out_of_memory = True
                     if batch_size == 1:
@@ -125,30 +137,36 @@ class RSDEngine:
         for side, st in self.static.items():
             for k, v in (st.counts if st is not None else {}).items():
                 stats[f"{side}_static_{k}"] += v  # replayed / captured / eager / failed steps
-        return Generation(results, stats, batch_size)  # type: ignore[arg-type]
+        return Generation([None if t is _HANDED_OVER else t for t in results], stats, batch_size)  # type: ignore[arg-type]
 
     # -- the loop -------------------------------------------------------------------------------
-    def _run(self, prompts, seeds, todo: deque, results, batch_size: int, progress) -> None:
+    def _run(self, prompts, seeds, todo: deque, results, batch_size: int, progress, keep: bool = True) -> None:
         rows: list[Row] = []
         ctx: dict[str, BatchedContext | None] = {TEACHER: None, STUDENT: None}
+        empty = 0  # row-steps the batch has run short since the last join
         while todo or rows:
-            if todo and len(rows) <= batch_size * 3 // 4:
+            empty += batch_size - len(rows)
+            if todo and (not rows or empty >= batch_size * JOIN_AFTER_STEPS):
                 new = [self._new_row(i, prompts[i], seeds[i]) for i in _take(todo, batch_size - len(rows))]
                 self._join(ctx, rows, new)
+                self.events["joins"] += 1
+                empty = 0
             (self._speculate if self.speculative else self._step)(rows, ctx)
+            self.events["steps"] += 1
             done = [b for b, r in enumerate(rows) if r.finish]
             if done:
-                for b in done:
-                    results[rows[b].index] = rows[b].trace(self.student, self.config.pth, with_teacher_prompt=self.run_teacher)
-                keep = [b for b, r in enumerate(rows) if not r.finish]
+                traces = [rows[b].trace(self.student, self.config.pth, with_teacher_prompt=self.run_teacher) for b in done]
+                for b, trace in zip(done, traces):
+                    results[rows[b].index] = trace if keep else _HANDED_OVER  # (not None: a restart skips it)
+                left = [b for b, r in enumerate(rows) if not r.finish]
                 self._count_positions(ctx)
                 for c in ctx.values():
                     if c is not None:
-                        c.select(keep)
-                rows_done, rows = rows, [rows[b] for b in keep]
+                        c.select(left)
+                rows = [rows[b] for b in left]
                 if progress is not None:
-                    for b in done:
-                        progress(results[rows_done[b].index])
+                    for trace in traces:
+                        progress(trace)
 
     def _count_positions(self, ctx: dict) -> None:
         """Accumulate decode-time forward cells per side (prompt prefill is counted separately)."""
@@ -598,6 +616,9 @@ class RSDEngine:
             return {}
         return {b: fit_vocab(outs[b][1:] if b in refed else outs[b], lm.vocab.size).to(self._decision_device)
                 for b, upd in updates.items() if upd.append}  # fmt: skip
+
+
+_HANDED_OVER = object()  # results[i] of a trace given to ``progress`` only (``generate(keep=False)``)
 
 
 def _last_kept(ids: list[int], rollback: int) -> int:

@@ -8,7 +8,6 @@ first ``upft_tokens`` student tokens of its first trace as a ``upft_prefix`` rec
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import Counter
 from dataclasses import asdict, replace
 
@@ -137,28 +136,27 @@ def generate_traces(engine: RSDEngine, problems: list[Problem], store: TraceFile
     kill loses only problems still being decoded.
     """
     todo = [p for p in problems if not store.done(p.id)]
-    # Several batches' worth of rows per call: the engine refills finished rows instead of draining the
-    # batch down to one problem's longest attempt; finished traces are dropped after each call.
-    per_call = max(1, math.ceil(4 * opts.batch_size / opts.attempts))
+    # One engine call for every problem: finished rows are refilled up to the last prompt, and each trace goes to
+    # ``trace_done`` without being kept. (Calls over slices of 4 batches each drained the batch at their end, where
+    # the last rows run with few others: README, "many prompts".)
+    prompts = [p.question for p in todo for _ in range(opts.attempts)]
+    seeds = [attempt_seed(p.id, k) for p in todo for k in range(opts.attempts)]
+    finished: dict[int, list[Trace]] = {}
     written = []
-    for start in range(0, len(todo), per_call):
-        chunk = todo[start : start + per_call]
-        prompts = [p.question for p in chunk for _ in range(opts.attempts)]
-        seeds = [attempt_seed(p.id, k) for p in chunk for k in range(opts.attempts)]
-        finished: dict[int, list[Trace]] = {}
 
-        def trace_done(trace: Trace, chunk=chunk, finished=finished) -> None:
-            if on_trace is not None:
-                on_trace(trace)
-            i = trace.index // opts.attempts
-            finished.setdefault(i, []).append(trace)
-            if len(finished[i]) == opts.attempts:
-                traces = sorted(finished.pop(i), key=lambda t: t.index)
-                record = choose(chunk[i], traces, engine, opts)
-                store.append(record)
-                written.append(record)
-                if on_problem is not None:
-                    on_problem(record)
+    def trace_done(trace: Trace) -> None:
+        if on_trace is not None:
+            on_trace(trace)
+        i = trace.index // opts.attempts
+        finished.setdefault(i, []).append(trace)
+        if len(finished[i]) == opts.attempts:
+            traces = sorted(finished.pop(i), key=lambda t: t.index)
+            record = choose(todo[i], traces, engine, opts)
+            store.append(record)
+            written.append(record)
+            if on_problem is not None:
+                on_problem(record)
 
-        engine.generate(prompts, seeds=seeds, batch_size=opts.batch_size, progress=trace_done)
+    if prompts:
+        engine.generate(prompts, seeds=seeds, batch_size=opts.batch_size, progress=trace_done, keep=False)
     return written
