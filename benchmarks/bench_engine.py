@@ -383,7 +383,7 @@ def run_real(args, report: dict) -> None:
               f"{b_info['acceptance']:.2f}, bridged {c_info['acceptance']:.2f}; bridge {c_info['bridge_share']:.1%} of the bridged run",
               file=sys.stderr, flush=True)  # fmt: skip
         if args.prompts_per_slot > 1:  # several batches' worth of prompts, as `rsd traces` decodes per call
-            many = prompts[: batch * args.prompts_per_slot]
+            many = [REAL_PROMPTS[k % len(REAL_PROMPTS)] for k in range(batch * args.prompts_per_slot)]  # (never cut short)
             m_runs = {"limit": [], "engine": []}
             for _ in range(args.repeats):
                 m_runs["limit"].append((many_prompt_limit(teacher, bridged_student, batch, n, args.device, many), None))
