@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup assets demo test bench clean
 
-$(STAMP): pyproject.toml
+# setup.py compiles the bridge's bookkeeping (Cython, in place): an edit to its sources rebuilds it here
+# (an edited checkout that is not rebuilt runs the Python source, with a warning)
+COMPILED := setup.py $(wildcard rsd_toolkit/bridges/*.pxd) rsd_toolkit/bridges/incremental.py \
+	rsd_toolkit/bridges/pair.py rsd_toolkit/bridges/batch.py rsd_toolkit/bridges/_compiled.py
+
+$(STAMP): pyproject.toml $(COMPILED)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -29,4 +34,4 @@ bench: assets
 	$(BIN)/python benchmarks/bench_engine.py --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build rsd_toolkit/bridges/*.so rsd_toolkit/bridges/_compiled.json

@@ -110,7 +110,11 @@ def generate(**kw) -> None:
         store = TraceFile(out, run_config(kw["teacher"], kw["student"], kind, config, opts, dataset), force=kw["force"],
                           lock=lock)  # fmt: skip
         device = kw["device"] or default_device()
-        err_console.print(f"pair: {kind}; {len(problems)} problems (shard {i}/{n}); loading models on {device}…")
+        from ..bridges import compiled
+
+        # (identical pairs keep the sampled ids: no bridge work; the others say whether it runs compiled)
+        bridge = "" if kind == "identical" else f" (bridge {'compiled' if compiled() else 'in Python: no compiled build'})"
+        err_console.print(f"pair: {kind}{bridge}; {len(problems)} problems (shard {i}/{n}); loading models on {device}…")
         teacher = load_lm(kw["teacher"], dtype=kw["dtype"], device=None if kw["teacher_device_map"] else device,
                           device_map=kw["teacher_device_map"], trust_remote_code=kw["trust_remote_code"])  # fmt: skip
         student = load_lm(kw["student"], dtype=kw["dtype"], device=device, trust_remote_code=kw["trust_remote_code"])
