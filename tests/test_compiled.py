@@ -41,6 +41,8 @@ def test_a_build_is_stale_when_its_source_changed(tmp_path):
     assert _compiled.stale_modules(tmp_path) == ["pair"]
     (tmp_path / _compiled.MANIFEST).write_text("[not, json")
     assert _compiled.stale_modules(tmp_path) == ["incremental", "pair"]
+    (tmp_path / "pair.py").unlink()  # a build shipped without its source: nothing else could run
+    assert _compiled.stale_modules(tmp_path) == ["incremental"]
 
 
 def test_a_stale_build_is_not_imported(tmp_path):

@@ -43,7 +43,9 @@ def stale_modules(folder: Path) -> list[str]:
         recorded = {}
     if not isinstance(recorded, dict):
         recorded = {}
-    return [m for m in built_modules(folder) if recorded.get(m) != source_digest(folder / f"{m}.py")]
+    # (an install that ships no source beside a build cannot run the source instead: its build is taken as is)
+    return [m for m in built_modules(folder)
+            if (folder / f"{m}.py").exists() and recorded.get(m) != source_digest(folder / f"{m}.py")]  # fmt: skip
 
 
 def import_sources_if_needed(package: str, folder: Path) -> None:
