@@ -52,6 +52,17 @@ SEAL_KEEP = 32  # tokens a seal leaves in the segment; the cut is sought this fa
 _SPACES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII characters str.isspace() accepts
 
 
+_COMBINING_BMP: bytes | None = None
+
+
+def _combining_bmp() -> bytes:
+    """1 at each code point below U+10000 that is a combining mark (``unicodedata.combining``), built once."""
+    global _COMBINING_BMP
+    if _COMBINING_BMP is None:
+        _COMBINING_BMP = bytes(unicodedata.combining(chr(cp)) != 0 for cp in range(0x10000))
+    return _COMBINING_BMP
+
+
 @dataclass(slots=True)
 class Update:
     """How the target side changes: drop the last ``rollback`` ids, then append ``append``."""
@@ -198,13 +209,24 @@ class IncrementalEncoder:
         elif c and ends[-1] - ends[c - 1] < RUN_BYTES and self._word_before(ends[c - 1] - lead):
             # the latest cut is stable: encode from it, no check
             start, window = self._seg0 + c, buf[ends[c - 1] - lead :].decode()
-        else:
-            search = self._search(lead)
-            try:
-                request = next(search)
-            except StopIteration as found:
-                return self._splice(self._seg0 + found.value[0], found.value[1])
-            return self._resume(search, request)
+        else:  # a long run: the search's first two cuts, without its generators (most run pushes end here)
+            cuts = self._cuts(lead, 2)
+            latest = cuts[0]
+            if not latest:
+                return self._searched(lead)  # only the segment start
+            if self._needs_no_check(latest, lead):
+                request = self._encode_from(latest, lead)
+                new_tail = request.cached()
+                start = self._seg0 + latest
+                return self._splice_when_sent(start, request) if new_tail is None else self._splice(start, new_tail)
+            c = cuts[1]
+            request = self._encode_from(c, lead)
+            new_tail = request.cached()
+            if new_tail is None:
+                return self._checked_when_sent(c, latest, request, lead)
+            if self._agrees(c, latest, new_tail):
+                return self._splice(self._seg0 + c, new_tail)
+            return self._searched(lead)
         if vocab.strip_window and window[:1] == " ":
             window = window[1:]  # the normaliser prepends the dummy space again
         new_tail = vocab._window_cache.get(window)
@@ -215,12 +237,29 @@ class IncrementalEncoder:
     def _splice_when_sent(self, start: int, request: Encode) -> Steps:
         return self._splice(start, (yield request))
 
+    def _checked_when_sent(self, c: int, latest: int, request: Encode, lead: int) -> Steps:
+        """:meth:`_search`'s first window (from the cut ``c`` before the ``latest``) when the cache lacks it:
+        kept if it re-encodes the tokens between the two cuts as they were, else the whole search."""
+        new_tail = yield request
+        if self._agrees(c, latest, new_tail):
+            return self._splice(self._seg0 + c, new_tail)
+        return (yield from self._searched(lead))
+
+    def _searched(self, lead: int) -> Steps:
+        cut, new_tail = yield from self._search(lead)
+        return self._splice(self._seg0 + cut, new_tail)
+
+    def _agrees(self, c: int, later: int, new_tail: Sequence[int]) -> bool:
+        """A window from cut ``c`` gives the ids we had up to the ``later`` cut (or ``c`` is the segment start)."""
+        start = self._seg0 + c
+        return c == 0 or list(new_tail[: later - c]) == self._ids[start : self._seg0 + later].tolist()
+
     def _search(self, lead: int) -> Generator[Encode, Sequence[int], tuple[int, Sequence[int]]]:
         """Where no stable cut is near: try cuts from the latest back, each window checked against the
         tokens we had; returns the cut and its window's ids (yielding only windows the cache lacks)."""
         ends, ids = self._ends, self._ids
         latest, later, c, new_tail = 0, None, 0, None
-        for tries, cut in enumerate(self._cuts(lead)):  # latest first
+        for tries, cut in enumerate(self._cuts(lead, MAX_TRIES + 2)):  # latest first (then cut 0 at the latest)
             if later is None:
                 if cut and self._needs_no_check(cut, lead):
                     request = self._encode_from(cut, lead)
@@ -231,11 +270,10 @@ class IncrementalEncoder:
                 request = self._encode_from(c, lead)
                 new_tail = request.cached() or (yield request)
                 start = self._seg0 + c
-                checked = later - c  # the tokens between two cuts must re-encode to what we had
-                if c == 0 or list(new_tail[:checked]) == ids[start : start + checked].tolist():
+                if self._agrees(c, later, new_tail):  # the tokens between two cuts must re-encode to what we had
                     if c == 0 or later == latest or self._needs_no_check(c, lead):
                         return c, new_tail
-                    if list(new_tail[: latest - c]) == ids[start : self._seg0 + latest].tolist():
+                    if self._agrees(c, latest, new_tail):
                         return c, new_tail
                     # The window changes tokens before the latest cut. A run cut inside a pre-token that began
                     # before it (Tekken's punctuation run after two U+FFFD takes spacing marks and a dash) can
@@ -246,14 +284,6 @@ class IncrementalEncoder:
                         return c, new_tail
             later = cut
         return 0, (yield self._encode_from(0, lead))
-
-    def _resume(self, search: Generator, request: Encode) -> Steps:
-        """The rest of a search that stopped at a window the cache lacks, then the splice."""
-        while True:
-            try:
-                request = search.send((yield request))
-            except StopIteration as found:
-                return self._splice(self._seg0 + found.value[0], found.value[1])
 
     def _splice(self, start: int, new_tail: Sequence[int]) -> Update:
         """Replace ids[start:] by ``new_tail`` (token ends and the latest stable cut follow); the Update
@@ -364,8 +394,9 @@ class IncrementalEncoder:
         last = buf[start:].decode(errors="ignore")
         return bool(last) and not unicodedata.combining(last[0]) and unicodedata.is_normalized(self._unicode_form, last + text)
 
-    def _cuts(self, lead: int):
-        """Segment-relative token indices of cuts, latest first, then 0 (generated lazily).
+    def _cuts(self, lead: int, most: int) -> list[int]:
+        """Segment-relative token indices of the latest ``most`` cuts, latest first; a shorter list ends
+        with 0 (the segment start). A list, not a generator: most searches need only two.
 
         Stable cuts, and run cuts where stable cuts are ``RUN_BYTES`` or more apart (or the text has had
         none for that long): token boundaries at a character start, ``CHECK_BYTES`` or more apart.
@@ -376,17 +407,23 @@ class IncrementalEncoder:
         anchor = ends[-1] if ends else 0  # start of the latest stable cut (or the end of the text)
         in_run = runs and self._in_long_run()
         bound = anchor - 1  # a run cut starts at or before this raw offset
+        out: list[int] = []
         for i in range(len(ends) - 1, 0, -1):
             start = ends[i - 1]
             if starts_space[ids[seg0 + i]] and ends_word[ids[seg0 + i - 1]]:  # stable cut
-                yield i
+                out.append(i)
+                if len(out) == most:
+                    return out
                 anchor, in_run, bound = start, False, start - CHECK_BYTES
                 continue
             in_run = in_run or (runs and anchor - start >= RUN_BYTES)
             if in_run and start <= bound and self._char_start(start, lead):
-                yield i
+                out.append(i)
+                if len(out) == most:
+                    return out
                 bound = start - CHECK_BYTES
-        yield 0
+        out.append(0)
+        return out
 
     def _stable(self, i: int) -> bool:
         """Token i of the segment starts with a space or tab that follows a non-space."""
@@ -421,13 +458,24 @@ class IncrementalEncoder:
 
     def _char_start(self, raw: int, lead: int) -> bool:
         """The segment text at raw-byte offset ``raw`` starts a character that is not a combining mark."""
+        buf = self._text
         pos = raw - lead
-        if not 0 < pos < len(self._text) or (self._text[pos] & 0xC0) == 0x80:
+        if not 0 < pos < len(buf):
             return False
-        if self._text[pos] < 0x80:
+        b = buf[pos]
+        if b < 0x80:
             return True
-        ch = bytes(self._text[pos : pos + 4]).decode(errors="ignore")[:1]
-        return bool(ch) and not unicodedata.combining(ch)
+        if b < 0xC0:  # a continuation byte
+            return False
+        # The text is valid UTF-8 (it is encoded from str): the code point from its lead byte on, then a table
+        # (decoding a str per call cost CJK runs a third of a push)
+        if b < 0xE0:
+            cp = (b & 0x1F) << 6 | (buf[pos + 1] & 0x3F)
+        elif b < 0xF0:
+            cp = (b & 0x0F) << 12 | (buf[pos + 1] & 0x3F) << 6 | (buf[pos + 2] & 0x3F)
+        else:
+            return not unicodedata.combining(bytes(buf[pos : pos + 4]).decode()[0])
+        return not _combining_bmp()[cp]
 
     def _encode_from(self, c: int, lead: int, end: int | None = None) -> "Encode":
         """The encode giving the segment's canonical ids from token index ``c`` on (``c`` is a cut or 0), of
