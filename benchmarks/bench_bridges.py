@@ -39,6 +39,9 @@ code free on hostile text: normal CPU per push over that floor; ``_2_threads`` (
 replay in a process whose tokenizers run the batched calls on 2 Rust threads (wall). Below 0.5 the hostile
 target is out of reach on this machine whatever the bridge does. ``us_budget_outside_tokenizer``: what a
 hostile push may spend outside the tokenizer and still meet it, against ``us_outside_tokenizer`` measured.
+``hostile_over_normal_limit_at_normal_own_cost`` (``_2_threads``): the same limit with a normal push's own
+work (its CPU less its floor) added to the hostile floor, since a hostile push does at least that much.
+``min_hostile_over_normal_by_text``: each hostile text's worst row (pairs, batch 16 and 64).
 ``machine.bridge_compiled``: whether the bookkeeping ran compiled (``setup.py``; ``RSD_PURE_PYTHON=1``: no).
 
 Targets (issues 2, 13): 0 mismatches; >= 20,000 pushes/s on one core, hostile text included.
@@ -603,9 +606,20 @@ def main() -> None:
             # CPU a hostile push may spend outside the tokenizer and still be no slower than 2x normal
             r["us_budget_outside_tokenizer"] = round(2 * c["us_cpu_per_push"] - r["us_tokenizer_floor_per_push"], 2)
             r["us_outside_tokenizer"] = round(r["us_cpu_per_push"] - r["us_tokenizer_floor_per_push"], 2)
+            # A hostile push does at least a normal push's own work: the limit with that added to its floor
+            own = c["us_cpu_per_push"] - c["us_tokenizer_floor_per_push"]
+            r["hostile_over_normal_limit_at_normal_own_cost"] = round(c["us_cpu_per_push"] / (floor + own), 3)
+            if r.get("us_tokenizer_floor_per_push_2_threads"):
+                r["hostile_over_normal_limit_at_normal_own_cost_2_threads"] = round(
+                    c["us_cpu_per_push"] / (r["us_tokenizer_floor_per_push_2_threads"] + own), 3)
     limits = [r["hostile_over_normal_limit"] for r in batch_rows if "hostile_over_normal_limit" in r]
     limits2 = [r["hostile_over_normal_limit_2_threads"] for r in batch_rows if "hostile_over_normal_limit_2_threads" in r]
     b64 = [r["pushes_per_s"] for r in batch_rows if r["text"] == "corpus" and r["batch"] == 64 and r["kind"] != "identical"]
+    by_text: dict[str, float] = {}  # each hostile text's worst hostile / normal over pairs and batch sizes
+    for r in batch_rows:
+        c = corpus_row.get((r["src"], r["dst"], r["batch"]))
+        if r["text"] != "corpus" and c:
+            by_text[r["text"]] = round(min(by_text.get(r["text"], 1e9), r["pushes_per_s"] / c["pushes_per_s"]), 2)
     result = {
         "benchmark": "bridges",
         "threads": 1,
@@ -623,6 +637,11 @@ def main() -> None:
         "min_hostile_over_normal_batched": round(min(hostile_vs_normal), 2) if hostile_vs_normal else None,
         "min_hostile_over_normal_limit": min(limits, default=None),
         "min_hostile_over_normal_limit_2_threads": min(limits2, default=None),
+        "min_hostile_over_normal_by_text": by_text,
+        "hostile_rows_out_of_reach_at_normal_own_cost": sorted(
+            {f"{r['src']}->{r['dst']} {r['text']} @{r['batch']}" for r in batch_rows
+             if max(r.get("hostile_over_normal_limit_at_normal_own_cost", 1),
+                    r.get("hostile_over_normal_limit_at_normal_own_cost_2_threads", 0)) < 0.5}),
         "hostile_rows_out_of_reach": sorted({f"{r['src']}->{r['dst']} {r['text']} @{r['batch']}" for r in batch_rows
                                              if r.get("hostile_over_normal_limit", 1) < 0.5
                                              and r.get("hostile_over_normal_limit_2_threads", 0) < 0.5}),

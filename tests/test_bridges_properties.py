@@ -285,3 +285,41 @@ def test_a_window_starting_inside_a_punctuation_run_is_checked_on_the_old_text(v
     for piece in ["aa", "—", "a", "!", "!", "!", "!", "aa", "\ufffd\ufffd\ufffd", "ော", "—a", "!", "!"]:
         ids, text = enc.push_text(piece).apply(ids), text + piece
         assert ids == tekken.encode(text), f"after {text!r}"
+
+
+def test_a_character_start_is_read_from_the_code_point_as_unicodedata_reads_it(vocab):
+    """A run cut may fall only where a character that is not a combining mark starts. The encoder reads that
+    from the UTF-8 bytes and a code-point table (no str per check): it must agree with ``unicodedata`` on every
+    combining mark (1- to 4-byte: U+0301, U+3099, U+1D165…) and on a sample of other characters, at each byte."""
+    import unicodedata
+
+    marks = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and unicodedata.combining(chr(cp))]
+    others = [cp for cp in range(0x20, 0x110000, 97) if not 0xD800 <= cp < 0xE000]
+    text = "x" + "".join(chr(cp) + "a" for cp in marks + others)
+    enc = incremental.IncrementalEncoder(vocab("qwen2"))
+    enc._text = bytearray(text.encode())
+    expect, pos = [False] * (len(enc._text) + 1), 0
+    for ch in text:
+        expect[pos] = pos > 0 and not unicodedata.combining(ch)
+        pos += len(ch.encode())
+    assert len(marks) > 900 and any(cp > 0xFFFF for cp in marks)
+    assert [enc._char_start(p, 0) for p in range(len(enc._text) + 1)] == expect
+    assert [enc._char_start(p + 1, 1) for p in range(len(enc._text))] == expect[:-1]  # a dummy-prefix byte before
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe", "tekken", "mistral-v3"])
+def test_long_runs_of_combining_marks_stay_canonical(vocab, name):
+    """Runs without a space (where run cuts are taken) built of letters with combining marks of each UTF-8
+    length: kana with U+3099, Latin with U+0301, Devanagari signs, musical U+1D165; pushed in pieces, each push
+    checked against a full encode."""
+    v = vocab(name)
+    run = "か\u3099き\u3099ぐ" * 6 + "e\u0301\u0301a\u0308" * 8 + "\U0001d158\U0001d165\U0001d16e" * 6 + "हिंदीभाषा" * 6
+    enc, ids, text = incremental.IncrementalEncoder(v), [], ""
+    pieces, k = ["x"], 0
+    while k < len(run):  # pieces of 1, 2, 3 characters in turn: a mark may come alone, after its letter
+        n = 1 + len(pieces) % 3
+        pieces.append(run[k : k + n])
+        k += n
+    for piece in pieces:
+        ids, text = enc.push_text(piece).apply(ids), text + piece
+        assert ids == v.encode(text), f"after {text!r}"
