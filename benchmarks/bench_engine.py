@@ -42,7 +42,7 @@ from rsd_toolkit.config import RSDConfig  # noqa: E402
 from rsd_toolkit.engine import RSDEngine  # noqa: E402
 from rsd_toolkit.engine import engine as engine_module  # noqa: E402
 from rsd_toolkit.models import LM  # noqa: E402
-from students import distinct_4grams, first_layers_model  # noqa: E402
+from students import demo_student_dir, distinct_4grams, first_layers_model  # noqa: E402
 
 PRESETS = {
     # name: (architecture, dtype, teacher shape, student shape, default batch sizes)
@@ -311,12 +311,11 @@ def first_layers(lm: LM, k: int, device: str) -> LM:
 def real_models(device: str) -> tuple[LM, LM, LM]:
     """Teacher: the real SmolLM2-135M-Instruct; exact student: its first layers; bridged student: the demo's
     student (Mistral SentencePiece tokenizer, trained by `rsd demo` once and cached)."""
-    from rsd_toolkit import demo
     from rsd_toolkit.models import load_lm
 
     teacher = load_lm("asset:smollm2", dtype="float32", device=device)
     exact = first_layers(teacher, EXACT_STUDENT_LAYERS, device)
-    bridged = load_lm(demo.student_dir(info=lambda m: print(m, file=sys.stderr)), dtype="float32", device=device)
+    bridged = load_lm(demo_student_dir(), dtype="float32", device=device)
     return no_stops(teacher), no_stops(exact), no_stops(bridged)
 
 

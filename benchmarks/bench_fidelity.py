@@ -140,7 +140,7 @@ def main() -> None:
     torch.manual_seed(0)
     from rsd_toolkit import demo
     from rsd_toolkit.models import load_lm
-    from students import load_distilled_student
+    from students import demo_student_dir, load_distilled_student
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     teacher = load_lm("asset:smollm2", dtype="float32", device="cpu")
@@ -157,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for pair in args.pairs.split(","):
             if pair == "cross":
-                student, bridge, name = load_lm(demo.student_dir(info=log), dtype="float32", device="cpu"), None, "demo student (asset:mistral-v1)"
+                student, bridge, name = load_lm(demo_student_dir(), dtype="float32", device="cpu"), None, "demo student (asset:mistral-v1)"
             else:
                 student, bridge, name = load_distilled_student(), "bridged", "distilled SmolLM2 first-6-layers (same tokenizer)"
             for label, cfg in [c for c in configs if c[0] in args.rows.split(",")]:

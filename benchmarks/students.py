@@ -10,6 +10,7 @@ keyed by ``VERSION`` (bump it when anything below changes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -98,11 +99,22 @@ def distilled_student_dir(info: Callable[[str], None] = print) -> str:
     return str(final)
 
 
+def demo_student_dir() -> str:
+    """The demo's student folder (``rsd_toolkit.demo``: trained on first use, then cached); what training
+    prints goes to stderr, since a benchmark's stdout is its JSON."""
+    from rsd_toolkit import demo
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return demo.student_dir(info=lambda m: print(m, file=sys.stderr))
+
+
 def load_distilled_student(device: str = "cpu") -> LM:
-    """The distilled student as an LM (float32, sdpa attention)."""
+    """The distilled student as an LM (float32, sdpa attention); what building it prints goes to stderr."""
     from rsd_toolkit.models import load_lm
 
-    lm = load_lm(distilled_student_dir(info=lambda m: print(m, file=sys.stderr)), dtype="float32", device=device)
+    with contextlib.redirect_stdout(sys.stderr):
+        path = distilled_student_dir(info=lambda m: print(m, file=sys.stderr))
+    lm = load_lm(path, dtype="float32", device=device)
     lm.model.config._attn_implementation = "sdpa"
     return lm
 
