@@ -54,6 +54,60 @@ def test_random_edits_match_plain_forward(arch):
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_logits_kept_for_a_one_token_rollback_are_a_plain_forward(static):
+    """``logits_after_rollback(b, 1)``, when known, predicts the row's newest token as a plain forward over
+    the row without it does; and after that rollback, ``logits_after_rollback(b, 0)`` is the same. Through
+    one-token replacements in a chain (the engine's merged tokens), scored spans, checkpoint and restore,
+    compaction, rows leaving and joining."""
+    lm = tiny_lm("asset:qwen2", "llama", seed=3)
+    rng = random.Random(2)
+    V = 5000
+    seqs = [[rng.randrange(V) for _ in range(rng.randint(2, 6))] for _ in range(4)]
+    ctx = BatchedContext(lm.model, 4, static=static)
+    ctx.extend([list(q) for q in seqs])
+    known = checked = 0
+    for step in range(60):
+        appends = []
+        for b, seq in enumerate(seqs):
+            kept = ctx.logits_after_rollback(b, 1)
+            if kept is not None:
+                known += 1
+                if rng.random() < 0.3:  # check a few against a plain forward (the check is the slow part)
+                    checked += 1
+                    torch.testing.assert_close(kept, plain_last_logits(lm.model, seq[:-1]), atol=2e-4, rtol=1e-4)
+            move = rng.choice(["one", "one", "replace", "replace", "span", "back2", "none"]) if len(seq) > 4 else "one"
+            if move in ("replace", "back2"):
+                r = 1 if move == "replace" else 2
+                ctx.rollback(b, r)
+                del seq[-r:]
+                after = ctx.logits_after_rollback(b, 0)
+                assert (after is not None) == (move == "replace" and kept is not None)
+                if after is not None:
+                    torch.testing.assert_close(after, kept)
+            new = {"one": 1, "replace": 1, "span": 3, "back2": 2, "none": 0}[move]
+            appends.append([rng.randrange(V) for _ in range(new)])
+            seq.extend(appends[-1])
+        scores = step % 3 == 0
+        saved = ctx.checkpoint([0]) if step % 5 == 0 else None
+        ctx.extend(appends, scores=scores)
+        if saved is not None:  # a probe of row 0 undone: its tokens leave again
+            ctx.restore(saved, [0])
+            del seqs[0][len(seqs[0]) - len(appends[0]) :]
+        ctx.maybe_compact(slack=0)
+        if step == 30:
+            ctx.select([0, 2, 3])
+            seqs = [seqs[0], seqs[2], seqs[3]]
+            fresh_seq = [rng.randrange(V) for _ in range(5)]
+            fresh = BatchedContext(lm.model, 1)
+            fresh.extend([fresh_seq])
+            ctx.merge(fresh)
+            seqs.append(fresh_seq)
+    assert known > 60 and checked > 10
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
+
+
 def test_scores_are_the_logits_predicting_each_appended_token():
     lm = tiny_lm("asset:qwen2", "llama", seed=3)
     ctx = BatchedContext(lm.model, 2)
@@ -104,10 +158,15 @@ def test_extend_never_writes_into_logits_a_caller_holds():
     held = ctx.last_logits
     before = held.clone()
     ctx.extend([[6, 7], [], [8]], scores=True)  # some rows only
+    held_newest = ctx.logits_after_rollback(0, 1)  # what predicted row 0's 7: kept for a one-token rollback
+    newest_before = held_newest.clone()
     saved = ctx.checkpoint([0])
     ctx.extend([[9], [], []])
-    ctx.restore(saved, before)
+    ctx.rollback(2, 1)
+    ctx.extend([[], [], [10]])
+    ctx.restore(saved, [0])
     torch.testing.assert_close(held, before)
+    torch.testing.assert_close(held_newest, newest_before)
 
 
 def test_appends_write_in_place_and_capacity_doubles():

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_lm
 from rsd_toolkit.config import ConfigError, RSDConfig
-from rsd_toolkit.engine import RSDEngine
+from rsd_toolkit.engine import BatchedContext, RSDEngine
 from rsd_toolkit.models import LM
 from test_sampling import assert_distributed_as, exact_top_p
 
@@ -350,7 +350,16 @@ def test_a_catch_up_re_feeds_a_token_only_when_its_tokens_are_scored():
 
 
 # -- across tokenizers -------------------------------------------------------------------------------
-def test_cross_vocabulary_traces_are_canonical_and_respect_pth():
+def no_kept_logits(monkeypatch):
+    """Every span with a rollback is probed: the context hands out no logits kept from earlier forwards."""
+    real = BatchedContext.logits_after_rollback
+    monkeypatch.setattr(BatchedContext, "logits_after_rollback", lambda self, row, count: real(self, row, count) if count == 0 else None)
+
+
+@pytest.mark.parametrize("kept_logits", [True, False])
+def test_cross_vocabulary_traces_are_canonical_and_respect_pth(kept_logits, monkeypatch):
+    if not kept_logits:
+        no_kept_logits(monkeypatch)
     teacher = boosted(tiny_lm("asset:qwen2", "qwen2", hidden=96, seed=1))
     student = boosted(tiny_lm("asset:llama-bpe", "llama", hidden=64, seed=2))
     cfg = RSDConfig(max_new_tokens=80, pth=0.01)
@@ -368,14 +377,22 @@ def test_cross_vocabulary_traces_are_canonical_and_respect_pth():
                 teacher_sourced += 1
                 assert r.p_s >= cfg.pth
     assert teacher_sourced > 50 and sum(t.decisions - t.accepted for t in traces) > 20
-    assert traces.stats["probed"] > 5  # spans other than one appended token were judged by a batched probe
+    if kept_logits:  # a token replacing the newest one was scored on the logits that predicted that one
+        assert traces.stats["scored_on_kept_logits"] > 5
+    else:  # spans other than one appended token were judged by a batched probe
+        assert traces.stats["probed"] > 5 and traces.stats["scored_on_kept_logits"] == 0
     alone = [engine.generate([p], seeds=[i])[0] for i, p in enumerate(PROMPTS)]
     key = lambda t: (t.ids, [r.source for r in t.records], [round(r.p_s, 5) for r in t.records])  # noqa: E731
     assert [key(t) for t in traces] == [key(t) for t in alone]  # probes of some rows leave the others alone
 
 
-def test_span_with_rollback_is_judged_on_every_student_token():
-    """qwen2 writes digits one by one, llama-bpe groups three: each teacher "1" re-tokenises the student side."""
+@pytest.mark.parametrize("kept_logits", [True, False])
+def test_span_with_rollback_is_judged_on_every_student_token(kept_logits, monkeypatch):
+    """qwen2 writes digits one by one, llama-bpe groups three: each teacher "1" re-tokenises the student side
+    ("1" -> "11": a one-token rollback, scored on the logits that predicted the "1"; or, without them, probed)."""
+    if not kept_logits:
+        no_kept_logits(monkeypatch)
+    judged = lambda out: out.stats["scored_on_kept_logits" if kept_logits else "probed"]  # noqa: E731
     t_base, s_base = tiny_lm("asset:qwen2", "llama", seed=0), tiny_lm("asset:llama-bpe", "llama", seed=0)
     one = t_base.vocab.encode("1")[0]
     ones = {n: s_base.vocab.encode("1" * n)[0] for n in (1, 2, 3)}
@@ -386,14 +403,14 @@ def test_span_with_rollback_is_judged_on_every_student_token():
     t = out[0]
     assert t.text == "1" * 10 and t.ids == s_base.vocab.encode("1" * 10)  # 111 111 111 1
     assert [(r.source, round(r.p_s, 4)) for r in t.records] == [("teacher", 0.5)] * 3 + [("teacher", 0.2)]
-    assert out.stats["probed"] >= 6 and out.stats["probe_accepted"] == out.stats["probed"]
+    assert judged(out) >= 6 and out.stats["probe_accepted"] == out.stats["probed"]
     # the same span is rejected when its merged token is too unlikely: the student writes its own "1",
     # and that text re-tokenises to student-sourced "11"/"111" (merges can still make sub-pth tokens)
     student = fixed(s_base, {ones[1]: 0.995, ones[2]: 0.004, ones[3]: 0.001})
     engine = RSDEngine(teacher, student, RSDConfig(max_new_tokens=3))
     out = engine.generate(["q"])
     t = out[0]
-    assert out.stats["probed"] > 0 and out.stats["probe_accepted"] == 0
+    assert judged(out) > 0 and out.stats["probe_accepted"] == 0
     assert t.ids == s_base.vocab.encode(t.text) and {r.source for r in t.records[:-1]} == {"student"}
 
 
@@ -515,7 +532,8 @@ def test_strict_fallback_judges_the_retokenised_span_and_draws_again():
     engine = RSDEngine(teacher, student, RSDConfig(**cfg, fallback="strict"))
     strict = engine.generate(PROMPTS, batch_size=5)
     assert sum(t.sub_pth for t in strict) == 0 and strict.stats["strict_last_resort"] == 0
-    assert strict.stats["probed"] > strict.stats["probe_accepted"]  # merged choices were judged and redrawn
+    # merged choices ("11" replacing "1": scored on the logits that predicted the "1") were judged and redrawn
+    assert strict.stats["scored_on_kept_logits"] > 0
     for t in strict:
         assert t.ids == s_base.vocab.encode(t.text) and {r.source for r in t.records} == {"student"}
         assert all(r.p_s >= 0.01 for r in t.records) and ones[1] in t.ids and word in t.ids
@@ -541,9 +559,28 @@ def test_a_span_whose_first_token_fails_is_rejected_without_its_probe(monkeypatc
     cfg = RSDConfig(max_new_tokens=60, pth=0.01)
     key = lambda t: (t.ids, [r.source for r in t.records], [round(r.p_s, 5) for r in t.records])  # noqa: E731
     skipping = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
-    monkeypatch.setattr(RSDEngine, "_first_token_passes", lambda self, s_logits, cands: cands)
+    monkeypatch.setattr(RSDEngine, "_first_token_passes", lambda self, s_ctx, s_logits, cands: cands)
     probing = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
     assert [key(t) for t in skipping] == [key(t) for t in probing]
     assert skipping.stats["probe_skipped"] > 0
     assert skipping.stats["probed"] + skipping.stats["probe_skipped"] == probing.stats["probed"]
     assert skipping.stats["probe_accepted"] == probing.stats["probe_accepted"] > 0
+
+
+@pytest.mark.parametrize("pair", [("asset:qwen2", "asset:llama-bpe"), ("asset:llama-bpe", "asset:mistral-v1")])
+def test_a_token_replacing_the_newest_is_scored_without_a_probe(pair, monkeypatch):
+    """A span that rolls back one student token (a merge: "1" + "1" -> "11", "▁th" + "e" -> "▁the") is
+    judged, or rejected on its first token, on the logits the context kept from the forward that predicted
+    the replaced token: the same traces, sources and p_s as probing it, with fewer probe forwards."""
+    teacher = boosted(tiny_lm(pair[0], "qwen2", hidden=96, seed=1))
+    student = boosted(tiny_lm(pair[1], "llama", hidden=64, seed=2))
+    cfg = RSDConfig(max_new_tokens=60, pth=0.01)
+    kept = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
+    no_kept_logits(monkeypatch)
+    probing = RSDEngine(teacher, student, cfg).generate(PROMPTS, batch_size=5)
+    for a, b in zip(kept, probing):
+        assert (a.ids, [r.source for r in a.records]) == (b.ids, [r.source for r in b.records])
+        assert [r.p_s for r in a.records] == pytest.approx([r.p_s for r in b.records], abs=1e-5)
+    assert probing.stats["scored_on_kept_logits"] == 0
+    assert kept.stats["probe_skipped"] > probing.stats["probe_skipped"] + 10  # first tokens of rolled-back spans
+    assert kept.stats["probed"] < probing.stats["probed"] - 10

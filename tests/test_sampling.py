@@ -104,3 +104,20 @@ def test_nucleus_is_the_distribution_sample_draws(top_p):
     torch.testing.assert_close(got[-1], tied * keep / (tied * keep).sum())
     ids = draw(probs[5], lambda p, u: sampling.sample(p, u, top_p))
     assert_distributed_as(ids, got[5])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.99])
+def test_in_nucleus_is_the_mass_above_rule(top_p):
+    """A token likelier than 1 - top_p is taken as in the nucleus without summing the vocabulary; every
+    row still gets the rule's answer (peaked rows take the shortcut, flat rows the sum)."""
+    torch.manual_seed(0)
+    sure = summed = 0
+    for scale in (0.5, 3.0, 10.0, 30.0):
+        probs = torch.softmax(torch.randn(64, 5000) * scale, -1)
+        for ids in (torch.multinomial(probs, 1)[:, 0], probs.argmax(-1), torch.randint(0, 5000, (64,))):
+            want = sampling.mass_above(probs, ids) < top_p
+            assert torch.equal(sampling.in_nucleus(probs, ids, top_p), want)
+            p = probs.gather(-1, ids[:, None])[:, 0]
+            shortcut = p > 1 - top_p + sampling.NUCLEUS_SURE_SLACK
+            sure, summed = sure + int(shortcut.sum()), summed + int((~shortcut).sum())
+    assert sure > 100 and summed > 100

@@ -5,6 +5,10 @@ the row's next *position*, so rotary positions stay contiguous per row. A block 
 on the left (holes), which puts every row's newest token in the last column, so one column of logits
 serves the whole batch. ``maybe_compact`` gathers the live slots when holes pile up; ``select`` drops rows.
 
+Besides each row's next-token logits, the context keeps the logits that predicted its newest token, as long
+as its forwards computed them: after a one-token rollback those are the row's next-token logits again, so a
+caller can score a token that replaces the newest one without a forward (``logits_after_rollback``).
+
 ``extend`` is the only place a model runs: decoding, span scoring and (in ``rsd surprisal``) trace
 scoring all call it. With ``static``, a block of one token per row (the common decode step) runs at fixed
 shapes through ``static.StaticStep``, as a CUDA graph on CUDA; the general path below serves every other block.
@@ -51,6 +55,12 @@ class BatchedContext:
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.slots: list[list[int]] = [[] for _ in range(batch_size)]
         self.last_logits: torch.Tensor | None = None  # [B, V]: logits predicting each row's next token
+        # per row: the logits [V] that predicted its newest token, when a forward computed them (references
+        # into earlier logits tensors, not copies: they pin at most the last logits of a row's last few blocks)
+        self._newest: list[torch.Tensor | None] = [None] * batch_size
+        # rows rolled back since their last block, so their ``last_logits`` are stale: their next-token logits
+        # when known (a one-token rollback: the logits that predicted the token it removed), else None
+        self._stale: dict[int, torch.Tensor | None] = {}
         self.positions = {"real": 0, "computed": 0}  # tokens appended vs block cells computed (padding included)
         self._cache_kw = _cache_keyword(model)
 
@@ -71,20 +81,41 @@ class BatchedContext:
         gone = self.slots[row][-count:]
         del self.slots[row][-count:]
         self.valid[row, gone] = False
+        self._stale[row] = self._newest[row] if count == 1 and row not in self._stale else None
+        self._newest[row] = None
 
-    def checkpoint(self, rows: list[int]) -> dict[int, list[int]]:
-        return {r: list(self.slots[r]) for r in rows}
+    def logits_after_rollback(self, row: int, count: int) -> torch.Tensor | None:
+        """The logits [V] predicting row ``row``'s next token once its last ``count`` tokens are rolled back,
+        when this context has them without a forward (``count`` 0, or 1 while the logits that predicted the
+        newest token are known); else None."""
+        if count == 0:
+            return self._stale[row] if row in self._stale else self.last_logits[row]
+        if count == 1 and row not in self._stale:
+            return self._newest[row]
+        return None
+
+    def checkpoint(self, rows: list[int]) -> dict:
+        """What ``restore`` needs to undo later edits of ``rows`` (``last_logits`` is never written in place:
+        a reference keeps it)."""
+        return {"rows": {r: (list(self.slots[r]), self._newest[r], self._stale.get(r, _FRESH)) for r in rows},
+                "last": self.last_logits}  # fmt: skip
 
     @torch.inference_mode()
-    def restore(self, saved: dict[int, list[int]], last_logits: torch.Tensor | None = None) -> None:
-        """Undo rollbacks and appends made since ``checkpoint`` (slots are still in the cache)."""
-        for r, slots in saved.items():
+    def restore(self, saved: dict, rows: list[int]) -> None:
+        """Undo rollbacks and appends made to ``rows`` since ``checkpoint`` (slots are still in the cache)."""
+        if not rows:
+            return
+        for r in rows:
+            slots, self._newest[r], stale = saved["rows"][r]
+            if stale is _FRESH:
+                self._stale.pop(r, None)
+            else:
+                self._stale[r] = stale
             self.valid[r] = False
             self.valid[r, slots] = True
             self.slots[r] = slots
-        if last_logits is not None:  # a new tensor, as in extend
-            rows = torch.tensor(list(saved), device=self.last_logits.device)
-            self.last_logits = self.last_logits.index_copy(0, rows, last_logits[rows])
+        index = torch.tensor(rows, device=saved["last"].device)  # a new tensor, as in extend
+        self.last_logits = self.last_logits.index_copy(0, index, saved["last"][index])
 
     # -- the forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -128,12 +159,24 @@ class BatchedContext:
         """Every row appends one token, at fixed shapes (``static.StaticStep``)."""
         B, past = self.valid.shape
         positions = torch.tensor([len(s) for s in self.slots], device=self.device)
+        self._note_newest(self.last_logits, list(range(B)), [1] * B, {})
         self.last_logits = self.static.step(self.cache, torch.tensor(ids, device=self.device), positions, self.valid)
         self.valid = torch.cat([self.valid, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
         for slots in self.slots:
             slots.append(past)
         self.positions["real"] += B
         self.positions["computed"] += self.static.shapes.rows(B)  # padded rows are computed too
+
+    def _note_newest(self, prev: torch.Tensor | None, rows: list[int], counts: list[int], computed: dict) -> None:
+        """Before ``last_logits`` moves on: ``rows`` appended ``counts`` tokens. The logits that predicted a
+        row's new newest token are its next-token logits before the block when it appended one token, else
+        ``computed[row]`` [V] when the block kept them; unknown otherwise."""
+        for r, k in zip(rows, counts):
+            if k == 1:
+                self._newest[r] = self._stale[r] if r in self._stale else None if prev is None else prev[r]
+            else:
+                self._newest[r] = computed.get(r)
+            self._stale.pop(r, None)
 
     def _extend_rows(self, rows: list[int] | None, appends: list[list[int]], scores: bool):
         """One padded block for ``rows`` (``None``: every row); other rows get a column of holes."""
@@ -176,6 +219,11 @@ class BatchedContext:
         for j in touched:
             a = appends[j]
             self.slots[rows_list[j]].extend(range(start + n - len(a), start + n))
+        # the logits that predicted each row's new newest token: known for one appended token (its first-token
+        # logits), and for several when every column's logits were kept (the one before the block's last)
+        before_last = {j: outputs[-1][j, -2].clone() for j in touched if len(appends[j]) > 1 and scores and outputs[-1].shape[1] > 1}
+        self._note_newest(prev, [rows_list[j] for j in touched], [len(appends[j]) for j in touched],
+                          {rows_list[j]: v for j, v in before_last.items()})  # fmt: skip
         last = outputs[-1][:, -1]
         if self.last_logits is None or (rows is None and len(touched) == len(appends)):
             self.last_logits = last  # every row advanced: no [batch, vocab] copy
@@ -252,6 +300,8 @@ class BatchedContext:
         self.cache.select_rows(index)
         self.valid = self.valid[index.to(self.device)]
         self.slots = [self.slots[r] for r in rows]
+        self._newest = [self._newest[r] for r in rows]
+        self._stale = {b: self._stale[r] for b, r in enumerate(rows) if r in self._stale}
         if self.last_logits is not None:
             self.last_logits = self.last_logits[index.to(self.last_logits.device)]
 
@@ -259,7 +309,7 @@ class BatchedContext:
     def merge(self, other: "BatchedContext") -> None:
         """Append ``other``'s rows (same model) after ours: how new prompts join a running batch."""
         a, b = self.valid.shape[1], other.valid.shape[1]
-        width = max(a, b)
+        width, own_rows = max(a, b), self.batch_size
         self.cache.concat_rows(other.cache, width)
         pad = lambda v, w: torch.cat([torch.zeros(v.shape[0], w - v.shape[1], dtype=v.dtype, device=v.device), v], 1)  # noqa: E731
         self.valid = torch.cat([pad(self.valid, width), pad(other.valid.to(self.device), width)], dim=0)
@@ -267,3 +317,8 @@ class BatchedContext:
             [s + width - b for s in row] for row in other.slots
         ]
         self.last_logits = torch.cat([self.last_logits, other.last_logits.to(self.last_logits.device)], dim=0)
+        self._newest += other._newest
+        self._stale.update({own_rows + r: v for r, v in other._stale.items()})
+
+
+_FRESH = object()  # checkpoint: the row's last_logits were current (it was not in ``_stale``)

@@ -8,8 +8,11 @@ the teacher's context as text.
 
 Each step is one teacher forward and one student forward over the whole batch (``BatchedContext``
 applies every row's pending tokens at once); spans longer than one token are scored in one more
-batched student forward (a *probe*) whose cache entries are kept for the spans that enter the trace; a
-span appended to the context whose first token already fails is rejected without one.
+batched student forward (a *probe*) whose cache entries are kept for the spans that enter the trace. No
+probe is needed where the logits predicting a span's first token are at hand: the current ones for a span
+appended to the context, and, for a span that replaces the newest token (a merge: "▁th" + "e" -> "▁the"),
+those that predicted the replaced token, which the context keeps (``BatchedContext.logits_after_rollback``).
+There a one-token span is scored without a forward and a longer one whose first token fails is rejected.
 Modes ``teacher`` and ``student`` run the same loop with the decision fixed.
 """
 
@@ -373,7 +376,7 @@ class RSDEngine:
             trials = self._trials(rows, TEACHER, {b: cands[b][j] for b in open_rows})
             judged = {b: c for b, c in trials.items() if c.pair.may_push(STUDENT)}  # else it ends mid-character
             self.events["proposal_mid_character"] += len(trials) - len(judged)
-            decided.update(self._score(rows, s_ctx, s_logits, self._first_token_passes(s_logits, judged), judge=True))
+            decided.update(self._score(rows, s_ctx, s_logits, self._first_token_passes(s_ctx, s_logits, judged), judge=True))
             open_rows = [b for b in open_rows if b not in decided]
             if not open_rows:
                 break
@@ -383,19 +386,28 @@ class RSDEngine:
         decided.update(self._fall_back(rows, s_ctx, s_logits, u[:, split:], rest))
         return decided
 
-    def _first_token_passes(self, s_logits, cands: dict[int, Candidate]) -> dict[int, Candidate]:
-        """The proposals that may still pass: a span appended to the current context whose first token fails
-        already (read off the current logits ``s_logits`` [B, V_s]) is rejected without its probe forward
-        (``stats["probe_skipped"]``); the decision is the same, a rejected proposal leaves no trace."""
-        early = [b for b, c in cands.items() if c.step.student.rollback == 0 and len(c.step.student.append) > 1]
+    def _first_token_passes(self, s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate]) -> dict[int, Candidate]:
+        """The proposals that may still pass: a span whose first token fails already, on logits the student
+        context holds (``_first_logits``), is rejected without its probe forward (``stats["probe_skipped"]``);
+        the decision is the same, a rejected proposal leaves no trace."""
+        first = {b: self._first_logits(s_ctx, s_logits, b, c.step.student) for b, c in cands.items() if len(c.step.student.append) > 1}
+        early = [b for b, f in first.items() if f is not None]
         if not early:
             return cands
-        idx = torch.tensor(early, device=s_logits.device)
         tok = torch.tensor([cands[b].step.student.append[0] for b in early], device=s_logits.device)
-        passed = sampling.passes(*sampling.token_scores(s_logits[idx], tok, self.config), self.config).tolist()
+        passed = sampling.passes(*sampling.token_scores(torch.stack([first[b] for b in early]), tok, self.config), self.config).tolist()
         failed = {b for b, ok in zip(early, passed) if not ok}
         self.events["probe_skipped"] += len(failed)
         return {b: c for b, c in cands.items() if b not in failed}
+
+    def _first_logits(self, s_ctx: BatchedContext, s_logits, b: int, su: Update) -> torch.Tensor | None:
+        """The student logits [V_s] predicting the first token of row b's update ``su``, when no forward is
+        needed: the current ones (``s_logits`` [B, V_s]) for an append, and for a one-token rollback those that
+        predicted the token it replaces, which the context keeps (``logits_after_rollback``)."""
+        if su.rollback == 0:
+            return s_logits[b]
+        kept = s_ctx.logits_after_rollback(b, su.rollback)
+        return None if kept is None else fit_vocab(kept, self.student.vocab.size).to(self._decision_device)
 
     def _fall_back(self, rows: list[Row], s_ctx, s_logits, u, rest: list[int]) -> dict[int, Candidate]:
         """The student samples its own token (``config.fallback``) for rows ``rest``; u [B, UNIFORMS_PER_DRAW].
@@ -490,22 +502,27 @@ class RSDEngine:
     def _score(self, rows: list[Row], s_ctx: BatchedContext, s_logits, cands: dict[int, Candidate], judge: bool) -> dict[int, Candidate]:
         """Set p_s of every student token each candidate appends; return the candidates that enter.
 
-        One token without rollback is read off the current logits; anything else is scored by a probe
-        forward (one for all rows) whose cache entries stay for the candidates that enter. With ``judge``
-        only the candidates RSD accepts enter (``sampling.accepts``), otherwise all of them.
+        One token whose predicting logits the context holds (``_first_logits``: no rollback, or a one-token
+        rollback) is scored on them; anything else by a probe forward (one for all rows) whose cache entries
+        stay for the candidates that enter. With ``judge`` only the candidates RSD accepts enter
+        (``sampling.accepts``), otherwise all of them.
         """
         cfg = self.config
-        single = [b for b, c in cands.items() if c.step.student.rollback == 0 and len(c.step.student.append) == 1]
+        first = {b: self._first_logits(s_ctx, s_logits, b, c.step.student) for b, c in cands.items() if len(c.step.student.append) == 1}
+        single = [b for b, f in first.items() if f is not None]
         spans = {b: c.step.student for b, c in cands.items() if b not in single}
         gates: dict[int, torch.Tensor] = {}
         if single:
-            idx = torch.tensor(single, device=s_logits.device)
+            logits = torch.stack([first[b] for b in single])  # [n, V_s]
             tok = torch.tensor([cands[b].step.student.append[0] for b in single], device=s_logits.device)
-            p_s, gate = sampling.token_scores(s_logits[idx], tok, cfg)  # [n], [n]
+            p_s, gate = sampling.token_scores(logits, tok, cfg)  # [n], [n]
             for k, b in enumerate(single):
                 cands[b].p_s, gates[b] = p_s[k : k + 1].tolist(), gate[k : k + 1]
+                if cands[b].step.student.rollback:  # (a strict split reads the span's logits)
+                    cands[b].span_logits = logits[k : k + 1]
+                    self.events["scored_on_kept_logits"] += 1
         if spans:
-            saved, last = s_ctx.checkpoint(list(spans)), s_ctx.last_logits.clone()
+            saved = s_ctx.checkpoint(list(spans))
             kept = {b: _last_kept(rows[b].ids[STUDENT], su.rollback) for b, su in spans.items() if su.rollback}
             preds = self._extend(s_ctx, self.student, spans, kept, score=True)  # b -> [len(append), V_s]
             for b, su in spans.items():
@@ -516,9 +533,9 @@ class RSDEngine:
         if judge and spans:
             self.events["probed"] += len(spans)
             self.events["probe_accepted"] += sum(b in enter for b in spans)
-        undo = {b: saved[b] for b in spans if b not in enter}
+        undo = [b for b in spans if b not in enter]
         if undo:
-            s_ctx.restore(undo, last)
+            s_ctx.restore(saved, undo)
             for b in undo:
                 cands[b].in_cache = False
         return enter

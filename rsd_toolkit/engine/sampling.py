@@ -104,6 +104,23 @@ def mass_above(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(probs > p, probs, 0.0).sum(-1)
 
 
+# A token with p > 1 - top_p + this is in the nucleus whatever the rest (the mass above it is at most 1 - p);
+# the slack covers the float error of a softmax's sum over a large vocabulary (~1e-6).
+NUCLEUS_SURE_SLACK = 1e-4
+
+
+def in_nucleus(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row, whether ``ids`` [R] is in the top-``top_p`` nucleus of ``probs`` [R, V] (the mass strictly
+    more probable than it is below ``top_p``). Only rows whose token is not surely in it are summed: a
+    sampled token is usually likely enough, and the sum is a pass over the whole vocabulary."""
+    p = probs.gather(-1, ids[:, None])[:, 0]
+    ok = p > 1 - top_p + NUCLEUS_SURE_SLACK
+    unsure = (~ok).nonzero()[:, 0]
+    if unsure.numel():
+        ok[unsure] = mass_above(probs[unsure], ids[unsure]) < top_p
+    return ok
+
+
 def sample(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
     """One id per row from ``probs`` [R, V] truncated to its top-``top_p`` mass; ``u`` [R, UNIFORMS_PER_DRAW]."""
     if top_p >= 1.0:
@@ -116,7 +133,7 @@ def sample(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> torch.Te
             return out
         cand = tries[todo, t]
         rows = probs if t == 0 else probs[todo]  # first try: every row, no [rows, vocab] copy
-        ok = mass_above(rows, cand) < top_p
+        ok = in_nucleus(rows, cand, top_p)
         out[todo[ok]] = cand[ok]
         todo = todo[~ok]
     for r in todo.tolist():  # all tries fell outside the nucleus (rare): exact by sorting this row
