@@ -18,6 +18,16 @@ def plain_last_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+def one_leaves_one_joins(lm, ctx: BatchedContext, seqs: list[list[int]], rng: random.Random, V: int) -> list[list[int]]:
+    """Row 1 leaves the batch and a fresh 5-token row joins at the end; returns the rows' sequences."""
+    ctx.select([0, 2, 3])
+    fresh_seq = [rng.randrange(V) for _ in range(5)]
+    fresh = BatchedContext(lm.model, 1)
+    fresh.extend([fresh_seq])
+    ctx.merge(fresh)
+    return [seqs[0], seqs[2], seqs[3], fresh_seq]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_random_edits_match_plain_forward(arch):
     lm = tiny_lm("asset:qwen2", arch, seed=3)
@@ -42,13 +52,7 @@ def test_random_edits_match_plain_forward(arch):
         if step == 20:
             ctx.compact()
         if step == 25:  # a row leaves, a new one joins
-            ctx.select([0, 2, 3])
-            seqs = [seqs[0], seqs[2], seqs[3]]
-            fresh_seq = [rng.randrange(V) for _ in range(5)]
-            fresh = BatchedContext(lm.model, 1)
-            fresh.extend([fresh_seq])
-            ctx.merge(fresh)
-            seqs.append(fresh_seq)
+            seqs = one_leaves_one_joins(lm, ctx, seqs, rng, V)
     assert ctx.valid.shape[1] > max(map(len, seqs))  # holes were exercised
     for b, seq in enumerate(seqs):
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
@@ -96,13 +100,7 @@ def test_logits_kept_for_a_one_token_rollback_are_a_plain_forward(static):
             del seqs[0][len(seqs[0]) - len(appends[0]) :]
         ctx.maybe_compact(slack=0)
         if step == 30:
-            ctx.select([0, 2, 3])
-            seqs = [seqs[0], seqs[2], seqs[3]]
-            fresh_seq = [rng.randrange(V) for _ in range(5)]
-            fresh = BatchedContext(lm.model, 1)
-            fresh.extend([fresh_seq])
-            ctx.merge(fresh)
-            seqs.append(fresh_seq)
+            seqs = one_leaves_one_joins(lm, ctx, seqs, rng, V)
     assert known > 60 and checked > 10
     for b, seq in enumerate(seqs):
         torch.testing.assert_close(ctx.last_logits[b], plain_last_logits(lm.model, seq), atol=2e-4, rtol=1e-4)
