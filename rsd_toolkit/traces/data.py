@@ -58,7 +58,17 @@ def as_text(value, where: str) -> str:
 
 
 def load_rows(source: str, split: str = "train", name: str | None = None) -> list[dict]:
-    """Rows of a local file (by extension) or of a hub dataset (``name``: its config, e.g. gsm8k's "main")."""
+    """Rows of a local file (by extension), a fetched benchmark (``asset:math500``) or a hub dataset (``name``: its
+    config, e.g. gsm8k's "main")."""
+    if source.startswith("asset:"):
+        from ..assets import BENCHMARKS, AssetError, asset_path
+
+        if source[len("asset:") :] not in BENCHMARKS:
+            raise DataError(f"{source} is not a problem set; problem assets: {', '.join('asset:' + b for b in BENCHMARKS)}")
+        try:
+            source = str(asset_path(source[len("asset:") :]))
+        except AssetError as e:
+            raise DataError(str(e)) from None
     if not os.path.exists(source) and os.path.splitext(source)[1].lower() in (".jsonl", ".json", ".parquet", ".csv"):
         raise DataError(f"{source}: no such file")
     if os.path.isdir(source):
