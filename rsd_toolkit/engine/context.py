@@ -16,10 +16,13 @@ shapes through ``static.StaticStep``, as a CUDA graph on CUDA; the general path 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..models import UnsupportedModel  # noqa: F401 - re-exported by rsd_toolkit.engine
 from .kv import SlotCache
+from .packed import PackedLinears
 from .static import StaticStep, _cache_keyword
 
 
@@ -41,10 +44,13 @@ def static_default(model) -> bool:
 
 class BatchedContext:
     """``static``: run one-token-per-row blocks at fixed shapes (CUDA graphs on CUDA): a ``StaticStep`` to
-    share, or True for a new one. Off by default: the engine decides, once per model (``static_default``)."""
+    share, or True for a new one. Off by default: the engine decides, once per model (``static_default``).
+    ``packed``: a ``PackedLinears`` of this model (CPU): forwards over 2+ positions run inside it, at about one
+    pass over the weights (``packed.py``). None by default: the engine makes one per model (``packed_default``)."""
 
-    def __init__(self, model, batch_size: int, static: bool | StaticStep = False):
+    def __init__(self, model, batch_size: int, static: bool | StaticStep = False, packed: PackedLinears | None = None):
         self.model = model
+        self.packed = packed
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         if static is True:
@@ -250,14 +256,16 @@ class BatchedContext:
         allowed |= k_slot[None, None, :] == q_slot[None, :, None]  # a hole attends to itself: never all-masked
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask[:, None],
-            position_ids=pos,
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self._cache_kw: cache},
-        )
+        # one position: MKL's matrix-vector path is already at one weight pass, and the mode's dispatch costs
+        with self.packed if self.packed is not None and ids.numel() > 1 else contextlib.nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask[:, None],
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=keep,
+                **{self._cache_kw: cache},
+            )
         return out.logits, key_valid
 
     def _gather(self, index: torch.Tensor) -> SlotCache:

@@ -26,8 +26,9 @@ import torch
 from ..bridges import NO_TOKEN, STUDENT, TEACHER, Step, Update, make_bridge, push_all
 from ..config import RSDConfig
 from ..models import LM
-from . import sampling, speculative, strict
+from . import packed, sampling, speculative, strict
 from .context import BatchedContext, static_default
+from .packed import PackedLinears
 from .static import StaticStep
 from .sampling import fit_vocab
 from .trace import Candidate, Generation, Row, TokenRecord, Trace
@@ -54,6 +55,8 @@ class RSDEngine:
     (then traces are in the teacher's tokens and carry no p_s). ``bridge_kind`` forces the pairing
     (``identical`` / ``remappable`` / ``bridged``); by default the tokenizers decide. ``static_step``: run
     the one-token-per-row decode step at fixed shapes, as CUDA graphs (default: on CUDA; see ``static.py``).
+    ``packed_gemm``: run forwards over 2+ positions on prepacked oneDNN weights, at about one weight pass
+    (default: on CPU where the packed copy fits in memory; see ``packed.py``).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class RSDEngine:
         bridge_kind: str | None = None,
         overrides: dict | None = None,
         static_step: bool | None = None,
+        packed_gemm: bool | None = None,
     ):
         self.config = config = config or RSDConfig()
         if config.mode == "rsd" and (teacher is None or student is None):
@@ -97,6 +101,12 @@ class RSDEngine:
         for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
             on = static_default(lm.model) if static_step is None else static_step
             self.static[side] = StaticStep.for_model(lm.model) if on else None
+        # one packed copy of each CPU model's linear weights, kept across calls (the student once when shared)
+        self.packed: dict[str, PackedLinears | None] = {}
+        for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
+            same = side == STUDENT and lm.model is self.teacher.model
+            on = packed.default(lm.model) if packed_gemm is None else packed_gemm and packed.available(lm.model)
+            self.packed[side] = self.packed[TEACHER] if same else PackedLinears(lm.model) if on else None
 
     # -- public ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -198,7 +208,8 @@ class RSDEngine:
             if not active:
                 continue
             becomes_ctx = ctx[side] is None or not rows
-            fresh = BatchedContext(lm.model, len(new), static=(self.static[side] or False) if becomes_ctx else False)  # merged: ours
+            static = (self.static[side] or False) if becomes_ctx else False  # merged: ours
+            fresh = BatchedContext(lm.model, len(new), static=static, packed=self.packed[side])
             fresh.extend([r.ids[side] for r in new])
             self.events[f"{side}_prompt_positions"] += fresh.positions["computed"]
             fresh.positions = {"real": 0, "computed": 0}
