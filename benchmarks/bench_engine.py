@@ -93,6 +93,22 @@ def build(tokenizer_spec: str, role: str, preset: str, device: str) -> LM:
     return lm
 
 
+_PACKS: dict[int, object] = {}
+
+
+def packs_for(lm: LM):
+    """The engine's default packed weights for ``lm`` (``engine/packed.py``), made once per model here so every
+    variant of a run (engine, limit loop, per-model steps) runs the same forwards and no model is packed twice."""
+    from rsd_toolkit.engine import packed
+
+    if id(lm.model) not in _PACKS:
+        _PACKS[id(lm.model)] = (lm.model, packed.PackedLinears(lm.model) if packed.default(lm.model) and not NO_PACKING else None)
+    return _PACKS[id(lm.model)][1]
+
+
+NO_PACKING = bool(os.environ.get("RSD_BENCH_NO_PACKING"))  # the A/B: every variant on plain F.linear
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -178,7 +194,7 @@ def two_forward_limit(teacher: LM, student: LM, batch: int, new_tokens: int, dev
     steps_left = list(row_steps) if row_steps is not None else [new_tokens] * batch
 
     def run():
-        tc, sc = (BatchedContext(lm.model, batch, static=static_default(lm.model)) for lm in (teacher, student))
+        tc, sc = (BatchedContext(lm.model, batch, static=static_default(lm.model), packed=packs_for(lm)) for lm in (teacher, student))
         tc.extend([teacher.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
         sc.extend([student.prompt(p, RSDConfig())[1] for p in prompts[:batch]])
         left = list(steps_left)
@@ -218,7 +234,8 @@ def engine_rate(teacher: LM, student: LM, batch: int, new_tokens: int, device: s
     receives the traces; ``rows``: prompts decoded, ``batch`` at a time, default ``batch``; ``finish_steps``:
     receives, per prompt index, the decode step (counted from the run's first) in which its row finished)."""
     config = RSDConfig(mode=mode, max_new_tokens=new_tokens, draft_tokens=draft_tokens)
-    engine = RSDEngine(teacher, student, config, static_step=static_step)
+    engine = RSDEngine(teacher, student, config, static_step=static_step,
+                       packed_gemm={"teacher": packs_for(teacher), "student": packs_for(student)})
     prompts = prompts or [PROMPT] * batch
     if step_ms is not None or finish_steps is not None:  # instrument the step (benchmark only)
         step, count = engine._step, [0]
@@ -267,7 +284,7 @@ def per_model_step_ms(teacher: LM, student: LM, batch: int, device: str, steps: 
 
     out = {}
     for side, lm in (("teacher", teacher), ("student", student)):
-        ctx = BatchedContext(lm.model, batch, static=static_default(lm.model))
+        ctx = BatchedContext(lm.model, batch, static=static_default(lm.model), packed=packs_for(lm))
         ctx.extend([lm.prompt(PROMPT, RSDConfig())[1]] * batch)
         times = [1000 * timed(lambda: ctx.extend([[7]] * batch), device) for _ in range(steps)]
         out[side] = statistics.median(times[steps // 4 :])  # after capture and warm-up
@@ -285,7 +302,7 @@ def verify_ms(teacher: LM, batch: int, device: str, widths: list[int], repeats: 
 
     out = {}
     for width in widths:
-        ctx = BatchedContext(teacher.model, batch)
+        ctx = BatchedContext(teacher.model, batch, packed=packs_for(teacher))
         ctx.extend([teacher.prompt(PROMPT, RSDConfig())[1]] * batch)
         times = []
         for _ in range(repeats):
@@ -300,7 +317,7 @@ def width_cost_ms(lm: LM, batch: int, device: str) -> dict:
     """Time of one cached forward appending 1..4 tokens per row: what re-tokenising catch-up costs."""
     from rsd_toolkit.engine import BatchedContext
 
-    ctx = BatchedContext(lm.model, batch)
+    ctx = BatchedContext(lm.model, batch, packed=packs_for(lm))
     ctx.extend([lm.prompt(PROMPT, RSDConfig())[1]] * batch)
     out = {}
     for width in (1, 2, 3, 4):
@@ -507,12 +524,19 @@ def run_speculative(args, report: dict) -> None:
 
     from rsd_toolkit.models import load_lm
 
-    teacher = no_stops(load_lm("asset:smollm2", dtype="float32", device=args.device))
-    student = no_stops(load_distilled_student(args.device))
+    if args.pair == "qwen-coder":  # the real identical pair: Qwen2.5-Coder-1.5B-Instruct -> 0.5B-Instruct
+        teacher = no_stops(load_lm("asset:qwen-coder-1.5b", dtype=args.dtype, device=args.device))
+        student = no_stops(load_lm("asset:qwen-coder-0.5b", dtype=args.dtype, device=args.device))
+        teacher_name = "Qwen2.5-Coder-1.5B-Instruct (asset:qwen-coder-1.5b)"
+    else:
+        teacher = no_stops(load_lm("asset:smollm2", dtype="float32", device=args.device))
+        student = no_stops(load_distilled_student(args.device))
+        teacher_name = "SmolLM2-135M-Instruct (asset:smollm2)"
     prompts = REAL_PROMPTS * 8
     n = args.new_tokens or 512
     ks = [int(k) for k in args.draft_tokens.split(",")]
-    spec = report["speculative"] = {"teacher": "SmolLM2-135M-Instruct (asset:smollm2)", "student": student.name,
+    spec = report["speculative"] = {"teacher": teacher_name, "student": student.name, "dtype": args.dtype,
+                                    "packed_gemm": {"teacher": packs_for(teacher) is not None, "student": packs_for(student) is not None},
                                     "params": {"teacher": params(teacher), "student": params(student)},
                                     "new_tokens": n, "loop_below_distinct_4grams": LOOP_BELOW, "rows": []}  # fmt: skip
     for batch in [int(b) for b in (args.batches or "1,4,16").split(",")]:
@@ -548,6 +572,7 @@ def run_speculative(args, report: dict) -> None:
                 # (K+1) student steps and one teacher forward over K+1 positions, over the tokens a round commits
                 per_token = ((K + 1) * step_ms["student"] + verify[K + 1]) * row["teacher_forwards_per_token"]
                 row["verify_ms"] = verify[K + 1]
+                row["verify_over_teacher_step"] = verify[K + 1] / step_ms["teacher"]  # one forward over K+1 vs over 1
                 # rows still decoding per round: rows commit different numbers of tokens, so with a fixed
                 # budget and no prompts left to join the batch thins out at the end (the step path's does not)
                 row["rows_per_round"] = info["row_rounds"] / info["spec_rounds"]
@@ -563,6 +588,23 @@ def run_speculative(args, report: dict) -> None:
                   f"forwards/token {row['teacher_forwards_per_token']:.2f}, draft acceptance {row['draft_acceptance']}, "
                   f"loops {row['loop_rows']}/{len(traces)}", file=sys.stderr, flush=True)  # fmt: skip
     report["targets_met"] = speculative_targets(spec["rows"], args.recommended_k)
+    if args.pair == "qwen-coder":
+        report["targets_met"].update(real_pair_targets(spec["rows"], args.recommended_k))
+
+
+def real_pair_targets(rows: list[dict], recommended: int) -> dict:
+    """The real identical pair's targets: batch 1 speculative >= 1.5x the teacher's generate and >= 2x step RSD
+    with <= 0.35 teacher forwards per token (met by any K); batch 16: the recommended K >= 1.0x step RSD, and step
+    RSD >= 0.9x its two-forward limit."""
+    b1 = [r for r in rows if r["batch"] == 1 and r["draft_tokens"]]
+    out = {"b1_some_K_over_generate>=1.5_and_over_step>=2_and_forwards<=0.35": any(
+        (r["spec_over_generate"] or 0) >= 1.5 and r["spec_over_step"] >= 2 and r["teacher_forwards_per_token"] <= 0.35 for r in b1)}
+    for r in rows:
+        if r["batch"] == 16 and r["draft_tokens"] == recommended:
+            out[f"K{recommended}_b16_over_step>=1.0"] = r["spec_over_step"] >= 1.0
+        if r["draft_tokens"] == 0:
+            out[f"step_b{r['batch']}_over_limit>=0.9"] = r["spec_over_limit"] >= 0.9
+    return out
 
 
 def speculative_targets(rows: list[dict], recommended: int) -> dict:
@@ -597,6 +639,9 @@ def main() -> None:
                     help="random: random models (every proposal rejected); real: SmolLM2 teacher, real-weights students; "
                          "speculative: SmolLM2 teacher, distilled same-tokenizer student, K = --draft-tokens")
     ap.add_argument("--draft-tokens", default="0,2,4,8", help="speculative: comma-separated K (0 = step RSD, the baseline)")
+    ap.add_argument("--pair", choices=("smollm2", "qwen-coder"), default="smollm2",
+                    help="speculative: smollm2 (SmolLM2 teacher, distilled student) or qwen-coder (1.5B -> 0.5B, real)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="speculative, qwen-coder pair")
     ap.add_argument("--min-rows", type=int, default=4,
                     help="speculative: decode at least this many prompts per row (batch 1: one after another), so one "
                          "trace's luck does not decide a row")

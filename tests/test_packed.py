@@ -58,7 +58,7 @@ def test_a_weight_changed_in_place_runs_plain_until_repacked():
     layer = torch.nn.Linear(64, 32)
     model = torch.nn.Sequential(layer)
     model.get_input_embeddings = lambda: layer  # what ``available`` reads the device from
-    packed = PackedLinears(model)
+    packed = PackedLinears(model, min_rows=2)
     x = torch.randn(4, 64)
     with torch.no_grad():
         layer.weight.mul_(2.0)  # e.g. a training step between two decoding calls
@@ -72,7 +72,7 @@ def test_a_weight_changed_in_place_runs_plain_until_repacked():
         packed.packs[id(layer.weight)] = (torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), 8), layer.weight._version)
         with packed:
             torch.testing.assert_close(model(x), layer.bias.expand(4, -1))
-            torch.testing.assert_close(model(x[:1]), torch.nn.functional.linear(x[:1], layer.weight, layer.bias))  # one row: plain
+            torch.testing.assert_close(model(x[:1]), torch.nn.functional.linear(x[:1], layer.weight, layer.bias))  # below min_rows: plain
 
 
 def test_gradients_never_take_the_packed_path():

@@ -256,8 +256,7 @@ class BatchedContext:
         allowed |= k_slot[None, None, :] == q_slot[None, :, None]  # a hole attends to itself: never all-masked
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        # one position: MKL's matrix-vector path is already at one weight pass, and the mode's dispatch costs
-        with self.packed if self.packed is not None and ids.numel() > 1 else contextlib.nullcontext():
+        with self.packed if self.packed is not None and ids.numel() >= self.packed.min_rows else contextlib.nullcontext():
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask[:, None],

@@ -55,8 +55,9 @@ class RSDEngine:
     (then traces are in the teacher's tokens and carry no p_s). ``bridge_kind`` forces the pairing
     (``identical`` / ``remappable`` / ``bridged``); by default the tokenizers decide. ``static_step``: run
     the one-token-per-row decode step at fixed shapes, as CUDA graphs (default: on CUDA; see ``static.py``).
-    ``packed_gemm``: run forwards over 2+ positions on prepacked oneDNN weights, at about one weight pass
-    (default: on CPU where the packed copy fits in memory; see ``packed.py``).
+    ``packed_gemm``: run the models' linear layers on prepacked oneDNN weights, so a forward over a few positions
+    costs about one weight pass (default: on CPU where the packed copy fits in memory; see ``packed.py``); or
+    ``{"teacher": PackedLinears | None, "student": …}`` to reuse packs across engines over the same models.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class RSDEngine:
         bridge_kind: str | None = None,
         overrides: dict | None = None,
         static_step: bool | None = None,
-        packed_gemm: bool | None = None,
+        packed_gemm: bool | None | dict[str, PackedLinears | None] = None,
     ):
         self.config = config = config or RSDConfig()
         if config.mode == "rsd" and (teacher is None or student is None):
@@ -102,8 +103,8 @@ class RSDEngine:
             on = static_default(lm.model) if static_step is None else static_step
             self.static[side] = StaticStep.for_model(lm.model) if on else None
         # one packed copy of each CPU model's linear weights, kept across calls (the student once when shared)
-        self.packed: dict[str, PackedLinears | None] = {}
-        for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)):
+        self.packed: dict[str, PackedLinears | None] = dict(packed_gemm) if isinstance(packed_gemm, dict) else {}
+        for side, lm in ((TEACHER, self.teacher), (STUDENT, self.student)) if not isinstance(packed_gemm, dict) else ():
             same = side == STUDENT and lm.model is self.teacher.model
             on = packed.default(lm.model) if packed_gemm is None else packed_gemm and packed.available(lm.model)
             self.packed[side] = self.packed[TEACHER] if same else PackedLinears(lm.model) if on else None

@@ -9,8 +9,8 @@ uses) took 2.2 ms for 5 rows and 2.7 ms for 9. So a speculative verify over K+1 
 batch 2-16, costs close to one weight pass again.
 
 ``PackedLinears(model)`` packs the model's linear weights once (a copy: CPU weight memory doubles). Used as a
-context manager around a forward, it runs those linear layers over 2+ rows on oneDNN; one-row calls keep
-MKL's matrix-vector path, the fastest. Nothing global is patched: inside the ``with`` block (and only there)
+context manager around a forward, it runs those linear layers on oneDNN, one-row steps included (faster on the
+real models than MKL's matrix-vector path, see ``MIN_ROWS``). Nothing global is patched: inside the ``with`` block (and only there)
 each of the model's ``nn.Linear`` modules gets an instance-level ``forward``; leaving the block restores
 what was there (a ``TorchFunctionMode`` would do the same without touching the modules, but it intercepts
 every torch call of the forward: +25 ms on SmolLM2's 45 ms step). A weight changed in place after packing
@@ -24,7 +24,10 @@ import functools
 
 import torch
 
-MIN_ROWS = 2  # one row: MKL's matrix-vector path already reads the weight at memory bandwidth
+# From one row on: on the real 1.5B model a one-position step took 321 ms packed against 424 ms through MKL's
+# matrix-vector path (one weight pass: 238 ms), though on one cache-cold [8960, 1536] weight MKL was ahead (1.9
+# vs 2.1 ms): the head and the small projections gain more than the MLP loses.
+MIN_ROWS = 1
 
 
 def available(model) -> bool:
@@ -59,10 +62,11 @@ def _linears(model) -> list[torch.nn.Linear]:
 
 
 class PackedLinears:
-    """``with packed: model(...)`` runs the model's linear layers over 2+ rows on prepacked oneDNN weights."""
+    """``with packed: model(...)`` runs the model's linear layers on prepacked oneDNN weights (from ``min_rows`` rows on)."""
 
-    def __init__(self, model, rows_hint: int = 8):
+    def __init__(self, model, rows_hint: int = 8, min_rows: int = MIN_ROWS):
         self.rows_hint = rows_hint
+        self.min_rows = min_rows
         self.modules = _linears(model)
         self.packs: dict[int, tuple[torch.Tensor, int]] = {}  # id(weight) -> (packed weight, weight._version)
         self.repack()
@@ -95,10 +99,10 @@ class PackedLinears:
         del self._saved
 
     def _linear(self, module: torch.nn.Linear, plain, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [..., N]: oneDNN on the packed weight for 2+ rows, else the module's own forward."""
+        """x [..., K] -> [..., N]: oneDNN on the packed weight from ``min_rows`` rows on, else the module's own forward."""
         packed, version = self.packs[id(module.weight)]
         if (version == module.weight._version and x.dtype == module.weight.dtype and not torch.is_grad_enabled()
-                and x.numel() >= MIN_ROWS * x.shape[-1]):  # fmt: skip
+                and x.numel() >= self.min_rows * x.shape[-1]):  # fmt: skip
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, module.bias, "none", [], "")
             return out.reshape(*x.shape[:-1], module.weight.shape[0])
         return plain(x)
