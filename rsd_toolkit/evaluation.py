@@ -112,6 +112,13 @@ def resolve_benchmark(
         b = BENCHMARKS[name]
         return dataclasses.replace(b, split=split or b.split, question_field=question_field or b.question_field,
                                    answer_field=answer_field or b.answer_field)  # fmt: skip
+    if name.startswith("asset:"):  # a fetched problem file (`rsd assets fetch --group benchmarks`)
+        from .assets import BENCHMARKS as FETCHED
+
+        if name[len("asset:") :] not in FETCHED:
+            raise EvalError(f"{name} is not a problem set; problem assets: {', '.join('asset:' + b for b in FETCHED)}")
+        stem = name[len("asset:") :]
+        return Benchmark(stem, name, "train", question_field, answer_field, "gsm8k" if stem.startswith("gsm8k") else "math")
     ext = os.path.splitext(name)[1].lower()
     if os.path.isfile(name) or ext in (".jsonl", ".json", ".parquet", ".csv"):
         if not os.path.exists(name):
@@ -314,3 +321,45 @@ def read_results(path: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), dict):
         raise EvalError(f"{path}: not a results file of `rsd eval` (no 'benchmarks')")
     return data
+
+
+# ----------------------------------------------------------------------------------------- intervals
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % at z = 1.96); unlike mean ± 1.96 s.e. it stays inside [0, 1]
+    and is not [0, 0] when nothing succeeded. ``successes`` may be fractional (pass@1 x problems over k samples:
+    then the interval is conservative, averaging k samples only narrows the spread)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_bootstrap(base: list[float], new: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Change of ``new`` against ``base`` (per-problem scores of the same problems, in the same order): the mean
+    difference and the relative change ``(new - base) / base``, each with a 95 % percentile interval from
+    resampling problems (pairs stay together, so the problems both students find easy cancel out).
+
+    The relative interval is None when more than 2.5 % of the resamples have a base of 0 (no ratio to take)."""
+    import torch
+
+    if len(base) != len(new):
+        raise ValueError(f"{len(base)} base scores for {len(new)} new ones")
+    n = len(base)
+    if n == 0:
+        return {"change": None, "change_ci95": None, "relative": None, "relative_ci95": None}
+    b, x = torch.tensor(base, dtype=torch.float64), torch.tensor(new, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (resamples, n), generator=g)
+    bm, xm = b[idx].mean(1), x[idx].mean(1)
+
+    def interval(values: torch.Tensor) -> list[float]:
+        q = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        return [float(q[0]), float(q[1])]
+
+    base_mean, new_mean = float(b.mean()), float(x.mean())
+    positive = bm > 0
+    relative_ci = interval((xm[positive] - bm[positive]) / bm[positive]) if positive.float().mean() >= 0.975 else None
+    return {"change": new_mean - base_mean, "change_ci95": interval(xm - bm),
+            "relative": (new_mean - base_mean) / base_mean if base_mean > 0 else None, "relative_ci95": relative_ci}

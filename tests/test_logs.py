@@ -264,7 +264,7 @@ def test_plot_has_integer_ticks_a_short_title_and_one_x_range():
     import matplotlib.pyplot as plt
     import torch
 
-    from rsd_toolkit.cli.surprisal import plot_figure
+    from rsd_toolkit.surprisal import plot_figure
 
     class Scored:
         def __init__(self, values):
@@ -328,7 +328,8 @@ def test_every_help_fits_80_columns_and_has_an_offline_example_that_parses(tmp_p
         examples = [ln.strip() for ln in text.split("Example")[1].split("Options:")[0].replace("\\\n", " ").splitlines()]
         lines = [ln for ln in examples if ln.startswith("rsd ")]
         assert lines, f"rsd {' '.join(path)}: no example"
-        offline = [ln for ln in lines if "asset:" in ln or ln.startswith(("rsd demo", "rsd assets", "rsd merge", "rsd eval --model smollm2-rsd"))]
+        offline = [ln for ln in lines if "asset:" in ln or ln.startswith(("rsd demo", "rsd assets", "rsd merge", "rsd eval --model smollm2-rsd",
+                                                                              "rsd replicate examples/configs/cpu.toml"))]
         assert offline, f"rsd {' '.join(path)}: no example that runs offline on fetched assets"
         for line in lines:
             args = shlex.split(line.split(" >")[0].split("  #")[0])[1:]

@@ -253,6 +253,8 @@ def _check_plot_path(path: str) -> None:
 def _plot(sets: list[tuple[str, list]], pth: float, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
+    from ..surprisal import plot_figure
+
     fig = plot_figure(sets, pth, title)
     try:
         fig.savefig(path, dpi=120)
@@ -260,42 +262,6 @@ def _plot(sets: list[tuple[str, list]], pth: float, path: str, title: str) -> No
         raise UserError(f"--plot {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         plt.close(fig)
-
-
-def plot_figure(sets: list[tuple[str, list]], pth: float, title: str):
-    """One histogram of surprisal per (label, scored traces), on shared bins and one x-range so the sets compare
-    at a glance; integer tick marks for small counts; a linear count axis unless counts span decades."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
-    from matplotlib.ticker import MaxNLocator
-
-    values = [(label, torch.cat([t.surprisal() for t in scored]).numpy() if scored else np.zeros(0)) for label, scored in sets]
-    finite = np.concatenate([v[np.isfinite(v)] for _, v in values]) if values else np.zeros(0)
-    high = max(float(finite.max()) if finite.size else 1.0, -math.log(pth)) * 1.05
-    bins = np.linspace(0.0, high, 41)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    peak = 0
-    for label, v in values:
-        counts, _, _ = ax.hist(np.clip(v, 0, high), bins=bins, histtype="stepfilled" if len(values) == 1 else "step",
-                               linewidth=1.5, label=label if len(values) > 1 else None,
-                               color="#3b82f6" if len(values) == 1 else None)  # fmt: skip
-        peak = max(peak, int(counts.max()) if counts.size else 0)
-    if peak > 1000:
-        ax.set_yscale("log")
-    else:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0, high)
-    ax.axvline(-math.log(pth), color="red", linestyle="--", label=f"p_s = {pth:g}")
-    ax.set_xlabel("surprisal -ln p_s (nats)")
-    ax.set_ylabel("tokens")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 def _short(name: str) -> str:

@@ -185,9 +185,9 @@ def read_records(path: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: a temporary file beside it, then a rename (no stray
-    temporary left behind, whatever fails).
+def write_atomic(path: str, text: str | bytes) -> None:
+    """Replace ``path`` with ``text`` (UTF-8, or ``bytes`` as they are) in one step: a temporary file beside it,
+    then a rename (no stray temporary left behind, whatever fails).
 
     The result has the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask; an existing
     file keeps its mode), not ``mkstemp``'s private 0600: colleagues on a shared machine can read results."""
@@ -195,7 +195,7 @@ def write_atomic(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         os.fchmod(fd, _mode_for(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
