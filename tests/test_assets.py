@@ -110,3 +110,16 @@ def test_benchmarks_are_real_disjoint_and_stable():
     janet = next(p for p in gsm if p.id == "gsm8k/0")
     assert janet.answer == "18" and "ducks" in janet.question
     assert any(p.answer.startswith("-") for p in gsm)  # GSM8K's `label` lost minus signs; ours keep them
+
+
+def test_fetched_benchmarks_are_eval_benchmarks_with_their_answer_kind():
+    require_assets("benchmarks")
+    from rsd_toolkit.evaluation import EvalError, load_benchmark, resolve_benchmark
+
+    gsm = resolve_benchmark("asset:gsm8k-test")
+    assert (gsm.name, gsm.kind) == ("gsm8k-test", "gsm8k")
+    assert load_benchmark(gsm, 2)[0].answer == "18"
+    math = resolve_benchmark("asset:math500")
+    assert math.kind == "math" and len(load_benchmark(math)) == 500
+    with pytest.raises(EvalError, match="not a problem set"):
+        resolve_benchmark("asset:smollm2")

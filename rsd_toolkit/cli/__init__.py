@@ -11,6 +11,7 @@ from .compat import compat
 from .demo import demo
 from .evaluate import evaluate
 from .generate import generate, merge
+from .replicate import replicate
 from .sft import sft
 from .surprisal import compare, surprisal, sweep
 
@@ -42,6 +43,7 @@ cli.add_command(evaluate)
 cli.add_command(surprisal)
 cli.add_command(compare)
 cli.add_command(sweep)
+cli.add_command(replicate)
 
 
 def main() -> None:
