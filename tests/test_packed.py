@@ -121,3 +121,49 @@ def test_engine_packs_each_cpu_model_once_and_shares_a_shared_model():
     engine = RSDEngine(lm, lm, RSDConfig(max_new_tokens=4))
     assert engine.packed["teacher"] is engine.packed["student"] is not None
     assert RSDEngine(lm, lm, RSDConfig(max_new_tokens=4), packed_gemm=False).packed == {"teacher": None, "student": None}
+
+
+# --------------------------------------------------------------- grouped-query SDPA (context.grouped_query_sdpa)
+@pytest.mark.parametrize("width", [2, 5, 9])
+def test_grouped_query_attention_has_the_logits_of_repeated_heads(width, monkeypatch):
+    """The tiny models are grouped-query (4 heads over 2 KV heads): a block's logits with torch's grouped SDPA
+    equal those with transformers' repeated key/value heads."""
+    import contextlib
+
+    import rsd_toolkit.engine.context as context
+
+    lm = tiny_lm(TOKENIZER, "qwen2", hidden=128, layers=2, seed=5)
+    g = torch.Generator().manual_seed(10 + width)
+    prefix = torch.randint(100, 5000, (3, 17), generator=g).tolist()
+    block = torch.randint(100, 5000, (3, width), generator=g).tolist()
+    block[2] = block[2][:1]
+    grouped = _block_logits(lm.model, None, prefix, block)
+    monkeypatch.setattr(context, "grouped_query_sdpa", lambda device: contextlib.nullcontext())
+    repeated = _block_logits(lm.model, None, prefix, block)
+    _assert_close(repeated, grouped, 1e-6)
+
+
+def test_grouped_query_sdpa_is_set_for_the_forward_only(monkeypatch):
+    import os
+
+    from rsd_toolkit.engine.context import FORCE_GQA, grouped_query_sdpa
+
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    lm = tiny_lm(TOKENIZER, "qwen2", hidden=64, layers=2, seed=4)
+    seen = []
+    handle = lm.model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: seen.append(os.environ.get(FORCE_GQA)))
+    try:
+        _block_logits(lm.model, None, [[5, 6, 7], [8, 9, 10]], [[11, 12], [13]])
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {"1"}  # every forward of the context ran with it
+    assert FORCE_GQA not in os.environ  # and nothing is left after it
+    with pytest.raises(RuntimeError), grouped_query_sdpa(torch.device("cpu")):
+        raise RuntimeError("boom")
+    assert FORCE_GQA not in os.environ  # restored on an exception too
+    with grouped_query_sdpa(torch.device("meta")):  # not on other devices (CUDA's masked GQA is its math kernel)
+        assert FORCE_GQA not in os.environ
+    monkeypatch.setenv(FORCE_GQA, "0")  # a user's own setting comes back as it was
+    with grouped_query_sdpa(torch.device("cpu")):
+        assert os.environ[FORCE_GQA] == "1"
+    assert os.environ[FORCE_GQA] == "0"
