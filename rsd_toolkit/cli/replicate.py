@@ -36,7 +36,7 @@ def replicate(config_path: str, out: str | None, force: bool, check: bool, as_js
 
     \b
     Example: offline, after `rsd assets fetch --group benchmarks --group smollm2
-    --group qwen-coder-0.5b` (real models on 2 CPU cores, <= 2 hours):
+    --group qwen-coder-0.5b` (real models on 2 CPU cores, ~3 hours):
       rsd replicate examples/configs/cpu.toml --check
       rsd replicate examples/configs/cpu.toml > replicate.log 2>&1
     The paper's recipe on a GPU (s1.1-7B -> Qwen3-0.6B on s1K-1.1):
