@@ -37,11 +37,11 @@ import types
 import unicodedata
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from .checks import InputError, InputWarning, input_file, number, output_folder
-from .config import GenerateOptions, RSDConfig
+from .config import GenerateOptions, RSDConfig, _f
 from .evaluation import BENCHMARKS, Benchmark, EvalConfig, load_benchmark, paired_bootstrap, prompt_for, wilson
 from .sft import SFTConfig
 from .traces.answers import ANSWER_KINDS
@@ -61,10 +61,6 @@ UNTUNABLE = ("resume", "logging_steps", "save_steps", "save_total_limit", "repor
 
 class ReplicateError(InputError):
     """A config or run we cannot replicate with; the message names the key or file and the fix."""
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
