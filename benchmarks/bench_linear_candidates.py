@@ -47,6 +47,14 @@ def cold_ms(fn, flush: torch.Tensor, repeats: int = 5) -> float:
     return sorted(times[1:])[repeats // 2] * 1e3
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="8960,1536")
@@ -62,7 +70,9 @@ def main() -> None:
     read = big.numel() * 4 / (per_call_ms(lambda i: big.sum(), 1, 3) / 1e3)
     limit = N * K * 4 / read * 1e3
     report = {"shape": [N, K], "copies": args.copies, "threads": torch.get_num_threads(),
-              "read_bandwidth_gb_s": round(read / 1e9, 1), "limit_ms": round(limit, 3), "rows": {}}  # fmt: skip
+              "read_bandwidth_gb_s": round(read / 1e9, 1), "limit_ms": round(limit, 3), "cpu": cpu_model(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "onednn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "rows": {}}  # fmt: skip
     compiled = None
     if not args.no_compile:
         import torch._inductor.config as inductor
@@ -99,9 +109,10 @@ def main() -> None:
                 row["compiled_cold"] = cold_ms(lambda: compiled[0](x), big)
                 row["mkl_cold"] = cold_ms(lambda: F.linear(x, weights[0]), big)
         row["bf16"] = per_call_ms(lambda i: F.linear(xb, half[i]), args.copies)
-        packs = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in half]
-        row["bf16_onednn_packed"] = per_call_ms(lambda i: torch.ops.mkldnn._linear_pointwise(xb, packs[i], None, "none", [], ""), args.copies)
-        del packs
+        if report["onednn_bf16"]:  # an AVX2-only CPU has no oneDNN bf16 path (its reorder raises)
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in half]
+            row["bf16_onednn_packed"] = per_call_ms(lambda i: torch.ops.mkldnn._linear_pointwise(xb, packs[i], None, "none", [], ""), args.copies)
+            del packs
         row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         row["over_limit"] = {k: round(v / limit, 2) for k, v in row.items() if isinstance(v, float) and k not in ("compile_seconds", "onednn_packed_max_abs_diff")}
         report["rows"][str(m)] = row

@@ -123,6 +123,22 @@ def test_engine_packs_each_cpu_model_once_and_shares_a_shared_model():
     assert RSDEngine(lm, lm, RSDConfig(max_new_tokens=4), packed_gemm=False).packed == {"teacher": None, "student": None}
 
 
+def test_a_bfloat16_model_is_packed_only_where_this_cpu_has_a_bf16_path(monkeypatch):
+    """On an AVX2-only CPU oneDNN's bf16 reorder raises: a bf16 model must decode there, unpacked."""
+    from rsd_toolkit.engine import packed as packed_module
+
+    lm = tiny_lm(TOKENIZER, "qwen2", hidden=64, layers=2, seed=9)
+    lm.model.to(torch.bfloat16)
+    for supported in (False, True):
+        monkeypatch.setattr(packed_module, "bf16_supported", lambda: supported)
+        assert available(lm.model) is supported
+    monkeypatch.undo()
+    engine = RSDEngine(lm, lm, RSDConfig(max_new_tokens=6, seed=1))
+    assert (engine.packed["teacher"] is not None) == packed_module.bf16_supported()
+    traces = engine.generate([PROMPTS[0]])
+    assert 0 < len(traces[0].ids) <= 6
+
+
 # --------------------------------------------------------------- grouped-query SDPA (context.grouped_query_sdpa)
 @pytest.mark.parametrize("width", [2, 5, 9])
 def test_grouped_query_attention_has_the_logits_of_repeated_heads(width, monkeypatch):

@@ -31,10 +31,15 @@ MIN_ROWS = 1
 
 
 def available(model) -> bool:
-    """Packing helps CPU models in float32 or bfloat16 where torch was built with oneDNN."""
+    """Packing helps CPU models in float32, or bfloat16 where this CPU has oneDNN's bf16 path (AVX-512 or
+    AVX-NE-CONVERT: on an AVX2-only CPU the bf16 reorder raises), where torch was built with oneDNN."""
     weight = model.get_input_embeddings().weight
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())  # fmt: skip
+    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and bf16_supported()))  # fmt: skip
+
+
+def bf16_supported() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def default(model) -> bool:
