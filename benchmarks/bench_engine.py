@@ -645,7 +645,7 @@ def main() -> None:
     ap.add_argument("--min-rows", type=int, default=4,
                     help="speculative: decode at least this many prompts per row (batch 1: one after another), so one "
                          "trace's luck does not decide a row")
-    ap.add_argument("--recommended-k", type=int, default=4, help="speculative: the K whose batch-16 row must not slow down")
+    ap.add_argument("--recommended-k", type=int, default=3, help="speculative: the K whose batch-16 row must not slow down (README: 3 on CPU)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random workload: default cpu on cpu, qwen on cuda")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's; real: 1,16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (random), 512 (real)")
