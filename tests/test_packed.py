@@ -130,11 +130,11 @@ def test_a_bfloat16_model_is_packed_only_where_this_cpu_has_a_bf16_path(monkeypa
     lm = tiny_lm(TOKENIZER, "qwen2", hidden=64, layers=2, seed=9)
     lm.model.to(torch.bfloat16)
     for supported in (False, True):
-        monkeypatch.setattr(packed_module, "bf16_supported", lambda: supported)
+        monkeypatch.setattr(packed_module, "onednn_bf16", lambda: supported)
         assert available(lm.model) is supported
     monkeypatch.undo()
     engine = RSDEngine(lm, lm, RSDConfig(max_new_tokens=6, seed=1))
-    assert (engine.packed["teacher"] is not None) == packed_module.bf16_supported()
+    assert (engine.packed["teacher"] is not None) == packed_module.onednn_bf16()
     traces = engine.generate([PROMPTS[0]])
     assert 0 < len(traces[0].ids) <= 6
 

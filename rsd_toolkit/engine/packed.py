@@ -35,10 +35,11 @@ def available(model) -> bool:
     AVX-NE-CONVERT: on an AVX2-only CPU the bf16 reorder raises), where torch was built with oneDNN."""
     weight = model.get_input_embeddings().weight
     return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and bf16_supported()))  # fmt: skip
+            and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and onednn_bf16()))  # fmt: skip
 
 
-def bf16_supported() -> bool:
+def onednn_bf16() -> bool:
+    """Whether oneDNN has a bf16 path on this CPU (not ``sft.bf16_supported``, which asks about CUDA)."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
